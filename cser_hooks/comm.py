@@ -1,0 +1,120 @@
+"""The one place that issues collectives (ARCHITECTURE.md: communicator).
+
+Algorithms talk to a :class:`Communicator`; the DDP front end gives them a
+:class:`TorchDistCommunicator` over a ``torch.distributed`` process group, the Horovod front end a
+Horovod one. Every tensor handed to a collective is counted here (``bytes_sent``), so the byte
+accounting is the payload actually given to the network layer, not an estimate.
+
+Ordering rule (ALGORITHMS.md §8): collectives are *launched* only from the hook call itself (or a
+post-optimizer-step callback), never from a Future callback, so every rank issues them in the same
+order whatever the completion order of earlier work. Callbacks only do local math.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, List, Sequence
+
+import torch
+import torch.distributed as dist
+
+Future = torch.futures.Future
+
+
+def completed(value) -> Future:
+    fut: Future = torch.futures.Future()
+    fut.set_result(value)
+    return fut
+
+
+class Communicator:
+    """Interface. ``*_async`` return a Future whose value is the result; others block."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def __init__(self) -> None:
+        self.bytes_sent = 0          # bytes handed to collectives since the last reset_counters()
+        self.comm_seconds = 0.0      # wall time from launch to completion callback, summed
+        self.collectives = 0
+
+    def reset_counters(self) -> None:
+        self.bytes_sent, self.comm_seconds, self.collectives = 0, 0.0, 0
+
+    def _count(self, tensors: Sequence[torch.Tensor]) -> float:
+        self.bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
+        self.collectives += 1
+        return time.perf_counter()
+
+    def _timed(self, fut: Future, t0: float, fn: Callable[[Any], Any]) -> Future:
+        def done(f):
+            self.comm_seconds += time.perf_counter() - t0
+            return fn(f.value())
+        return fut.then(done)
+
+    # -- to implement ----------------------------------------------------------------------
+    def allreduce_sum_async(self, t: torch.Tensor) -> Future:
+        raise NotImplementedError
+
+    def allgather_async(self, t: torch.Tensor) -> Future:
+        """Future of a list (by rank) of tensors of t's shape."""
+        raise NotImplementedError
+
+    def all_gather_object(self, obj) -> list:
+        raise NotImplementedError
+
+    # -- built on the above ----------------------------------------------------------------
+    def allreduce_mean_async(self, t: torch.Tensor) -> Future:
+        """Average ``t`` over ranks in place. Divides *before* the sum so fp16 cannot overflow."""
+        if self.world_size == 1:
+            return completed(t)
+        t.div_(self.world_size)
+        return self.allreduce_sum_async(t)
+
+    def allreduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        return self.allreduce_mean_async(t).wait()
+
+    def allreduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TorchDistCommunicator(Communicator):
+    """Collectives over a torch.distributed process group (gloo, NCCL, ...)."""
+
+    def __init__(self, process_group=None):
+        super().__init__()
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialized: call dist.init_process_group(...) "
+                               "before creating the hook state")
+        self.group = process_group if process_group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(self.group)
+        self.world_size = dist.get_world_size(self.group)
+        self.backend = dist.get_backend(self.group)
+
+    def allreduce_sum_async(self, t):
+        t0 = self._count([t])
+        fut = dist.all_reduce(t, group=self.group, async_op=True).get_future()
+        return self._timed(fut, t0, lambda _: t)
+
+    def allgather_async(self, t):
+        if self.world_size == 1:
+            self._count([t])
+            return completed([t])
+        t0 = self._count([t])
+        outs: List[torch.Tensor] = [torch.empty_like(t) for _ in range(self.world_size)]
+        fut = dist.all_gather(outs, t, group=self.group, async_op=True).get_future()
+        return self._timed(fut, t0, lambda _: outs)
+
+    def allreduce_max(self, t):
+        if self.world_size == 1:
+            return t
+        t0 = self._count([t])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        self.comm_seconds += time.perf_counter() - t0
+        return t
+
+    def all_gather_object(self, obj):
+        if self.world_size == 1:
+            return [obj]
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out

@@ -1,0 +1,113 @@
+"""qsgd(s): unbiased stochastic quantization to s levels per block (ALGORITHMS.md §1).
+
+    C(v)_i = ||v_B||_2 * sign(v_i) * l_i / s,   l_i = floor(r_i) + Bernoulli(r_i - floor(r_i)),
+    r_i = s |v_i| / ||v_B||_2
+
+so E[C(v)] = v. Blocks of ``block`` elements (default 512; the last may be short) each carry one
+fp32 norm. The uniforms are drawn from a CPU/CUDA generator seeded by the :class:`MaskKey` *and
+the rank* (independent across ranks, reproducible on resume).
+
+Wire: signs packed 1 bit/element, levels packed L bits/element with L the smallest of {1,2,4,8}
+with 2^L >= s+1 (so s <= 255), one fp32 norm per block:
+``ceil(n/8) + ceil(n*L/8) + 4*ceil(n/block)`` bytes.
+``scale`` multiplies the output (Qsparse-local-SGD uses 1/(1+beta) to make Q a contraction).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import Compressor, MaskKey, check_input
+from .bits import pack_codes, packed_nbytes, unpack_codes
+
+
+def level_bits(s: int) -> int:
+    for L in (1, 2, 4, 8):
+        if 2 ** L >= s + 1:
+            return L
+    raise ValueError(f"qsgd: s must be <= 255, got {s}")
+
+
+def uniforms(numel: int, mk: MaskKey, device) -> torch.Tensor:
+    g = mk.cpu_generator(per_rank=True)
+    return torch.rand(numel, generator=g).to(device)
+
+
+def reference_compress(p, u, s, block):
+    n = p.numel()
+    nb = math.ceil(n / block)
+    norms = torch.stack([p[j * block:(j + 1) * block].float().norm() for j in range(nb)])
+    levels = torch.empty(n, dtype=torch.int32)
+    for j in range(nb):
+        seg = p[j * block:(j + 1) * block].float()
+        r = s * seg.abs() / norms[j] if norms[j] > 0 else torch.zeros_like(seg)
+        fl = r.floor()
+        lv = fl + (u[j * block:j * block + seg.numel()] < (r - fl)).float()
+        levels[j * block:j * block + seg.numel()] = lv.clamp(max=s).to(torch.int32)
+    return pack_codes((p >= 0).to(torch.int32), 1), pack_codes(levels, level_bits(s)), norms
+
+
+def reference_decompress(signs, levels, norms, s, block, numel):
+    sg = unpack_codes(signs, 1, numel).float() * 2 - 1
+    lv = unpack_codes(levels, level_bits(s), numel).float()
+    nrm = torch.repeat_interleave(norms, block)[:numel]
+    return nrm * sg * lv / s
+
+
+class QSGD(Compressor):
+    name = "qsgd"
+    linear = False
+    unbiased = True
+    per_rank_randomness = True
+
+    def __init__(self, s: int = 15, block: int = 512, scale: float = 1.0):
+        if not 1 <= int(s) <= 255:
+            raise ValueError(f"qsgd: s (levels) must be in [1, 255], got {s}")
+        if block < 1:
+            raise ValueError(f"qsgd: block must be >= 1, got {block}")
+        self.s, self.block, self.scale = int(s), int(block), float(scale)
+        self.L = level_bits(self.s)
+        self.unbiased = self.scale == 1.0
+
+    def spec(self):
+        return f"qsgd:s={self.s},block={self.block}" + (f",scale={self.scale!r}" if self.scale != 1.0 else "")
+
+    def delta(self, numel):
+        # Qsparse-local-SGD, Lemma: with beta = min(d/s^2, sqrt(d)/s), Q/(1+beta) is a (1/(1+beta))-contraction
+        if self.scale == 1.0:
+            return None
+        d = min(self.block, numel)
+        beta = min(d / self.s ** 2, math.sqrt(d) / self.s)
+        return 1.0 / (1.0 + beta) if self.scale <= 1.0 / (1.0 + beta) + 1e-12 else None
+
+    def compress(self, x, mk, segments=None):
+        check_input(x, self.name)
+        n, b, s = x.numel(), self.block, self.s
+        u = uniforms(n, mk, x.device)
+        # FAST PATH (kernels.qsgd_compress): vectorized torch over padded blocks
+        nb = math.ceil(n / b)
+        xf = x.float()
+        if n % b:
+            xf = torch.cat([xf, xf.new_zeros(nb * b - n)])
+        v = xf.view(nb, b)
+        norms = v.norm(dim=1)
+        inv = torch.where(norms > 0, s / norms, torch.zeros_like(norms))
+        r = v.abs().mul_(inv.unsqueeze(1)).view(-1)[:n]
+        fl = r.floor()
+        levels = (fl + (u < (r - fl)).float()).clamp_(max=s).to(torch.int32)
+        return pack_codes((x >= 0).to(torch.int32), 1), pack_codes(levels, self.L), norms
+
+    def decompress(self, payload, numel, dtype, mk, segments=None, out=None):
+        signs, levels, norms = payload
+        # FAST PATH (kernels.qsgd_decompress)
+        sg = unpack_codes(signs, 1, numel).float().mul_(2).sub_(1)
+        lv = unpack_codes(levels, self.L, numel).float()
+        nrm = torch.repeat_interleave(norms, self.block, output_size=norms.numel() * self.block)[:numel]
+        res = sg.mul_(lv).mul_(nrm).mul_(self.scale / self.s)
+        if out is None:
+            return res.to(dtype)
+        return out.copy_(res)
+
+    def wire_bytes(self, numel, dtype=torch.float32, segments=None):
+        return packed_nbytes(numel, 1) + packed_nbytes(numel, self.L) + 4 * math.ceil(numel / self.block)

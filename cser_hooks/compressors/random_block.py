@@ -1,0 +1,180 @@
+"""Shared-mask random block / random-k sparsifiers (ALGORITHMS.md §1; RBS/GRBS of CSER, §3).
+
+The flat tensor is split into blocks of ``block`` elements (the last may be short);
+``k = min(nblocks, ceil(ratio * numel / block))`` blocks are chosen uniformly without replacement
+by a CPU generator seeded from the :class:`MaskKey` alone (global seed, step, bucket key, salt),
+so every rank — whatever its device — selects the same blocks and ``avg_j C(x_j)`` is an
+allreduce of the selected values; no index travels. The payload holds the selected blocks in
+ascending block order, ``block`` values each; a selected short tail block is zero-padded, so the
+payload always has ``k * block`` elements and ``wire_bytes`` is exact.
+
+``random_k(ratio)`` is ``random_block(ratio, block=1)``. Contiguous blocks make the gather and
+scatter memory-friendly (one strided copy instead of a random gather per element).
+Unbiasedness: C is the *unscaled* mask (biased, contractive with delta = k*block/numel in
+expectation); ``scaled=True`` multiplies by numel/(k*block) to make it unbiased.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import Compressor, MaskKey, check_input
+
+
+def reference_blocks(numel: int, ratio: float, block: int, mk: MaskKey) -> torch.Tensor:
+    """The selected block indices (int64, sorted, on CPU): the spec of the shared mask."""
+    nblocks = math.ceil(numel / block)
+    k = min(nblocks, math.ceil(ratio * numel / block))
+    g = mk.cpu_generator()
+    return torch.randperm(nblocks, generator=g)[:k].sort().values
+
+
+def reference_gather(x: torch.Tensor, blocks: torch.Tensor, block: int) -> torch.Tensor:
+    out = torch.zeros(blocks.numel() * block, dtype=x.dtype, device=x.device)
+    for j, b in enumerate(blocks.tolist()):
+        seg = x[b * block:(b + 1) * block]
+        out[j * block:j * block + seg.numel()] = seg
+    return out
+
+
+def reference_scatter(values: torch.Tensor, blocks: torch.Tensor, block: int, numel: int) -> torch.Tensor:
+    out = torch.zeros(numel, dtype=values.dtype, device=values.device)
+    for j, b in enumerate(blocks.tolist()):
+        n = min(block, numel - b * block)
+        out[b * block:b * block + n] = values[j * block:j * block + n]
+    return out
+
+
+class BlockMask:
+    """A selection of blocks for one tensor size, with the index views the fast paths need.
+
+    Built once per (numel, MaskKey) and reused by gather and scatter of the same step.
+    """
+
+    __slots__ = ("numel", "block", "blocks", "k", "nfull", "full_sel", "tail_sel", "tail_len", "_dev")
+
+    def __init__(self, numel: int, block: int, blocks: torch.Tensor):
+        self.numel, self.block, self.blocks = numel, block, blocks
+        self.k = blocks.numel()
+        self.nfull = numel // block
+        self.tail_len = numel - self.nfull * block
+        # blocks is sorted, so a selected tail block (index nfull) can only be the last one
+        self.tail_sel = self.tail_len > 0 and self.k > 0 and int(blocks[-1]) == self.nfull
+        self.full_sel = blocks[:-1] if self.tail_sel else blocks
+        self._dev = {}
+
+    def full_on(self, device: torch.device) -> torch.Tensor:
+        if device.type == "cpu":
+            return self.full_sel
+        t = self._dev.get(device)
+        if t is None:
+            t = self._dev[device] = self.full_sel.to(device, non_blocking=True)
+        return t
+
+    def gather(self, x: torch.Tensor, out: torch.Tensor | None = None, zero_source: bool = False) -> torch.Tensor:
+        """out[j*b:(j+1)*b] = x[block j]; with ``zero_source`` those x entries are then set to 0."""
+        b, nf = self.block, self.full_sel.numel()
+        if out is None:
+            out = torch.empty(self.k * b, dtype=x.dtype, device=x.device)
+        idx = self.full_on(x.device)
+        full = x[: self.nfull * b].view(self.nfull, b)
+        torch.index_select(full, 0, idx, out=out[: nf * b].view(nf, b))
+        if self.tail_sel:
+            tail = x[self.nfull * b:]
+            out[nf * b: nf * b + self.tail_len].copy_(tail)
+            out[nf * b + self.tail_len:].zero_()
+            if zero_source:
+                tail.zero_()
+        if zero_source:
+            full.index_fill_(0, idx, 0)
+        return out
+
+    def scatter(self, values: torch.Tensor, out: torch.Tensor, add: bool = False) -> torch.Tensor:
+        """Write (or add) the payload back into its blocks of ``out``; other entries untouched."""
+        b, nf = self.block, self.full_sel.numel()
+        idx = self.full_on(out.device)
+        full = out[: self.nfull * b].view(self.nfull, b)
+        src = values[: nf * b].view(nf, b)
+        if add:
+            full.index_add_(0, idx, src.to(out.dtype))
+        else:
+            full.index_copy_(0, idx, src.to(out.dtype))
+        if self.tail_sel:
+            tail = out[self.nfull * b:]
+            v = values[nf * b: nf * b + self.tail_len].to(out.dtype)
+            tail.add_(v) if add else tail.copy_(v)
+        return out
+
+    def selected_numel(self) -> int:
+        return self.k * self.block - (self.block - self.tail_len if self.tail_sel else 0)
+
+
+class RandomBlock(Compressor):
+    """random_block(ratio, block): C(x) = x on the shared-mask blocks, 0 elsewhere."""
+
+    linear = True
+
+    def __init__(self, ratio: float, block: int = 256, scaled: bool = False):
+        if not 0 < ratio <= 1:
+            raise ValueError(f"random_block: ratio must be in (0, 1], got {ratio}")
+        if block < 1:
+            raise ValueError(f"random_block: block must be >= 1, got {block}")
+        self.ratio, self.block, self.scaled = float(ratio), int(block), bool(scaled)
+        self.unbiased = self.scaled
+        self.name = "random_k" if block == 1 else "random_block"
+        self._cache: tuple | None = None
+
+    def spec(self):
+        s = f"random_block:ratio={self.ratio!r},block={self.block}"
+        return s + (",scaled=1" if self.scaled else "")
+
+    def delta(self, numel):
+        # in expectation over the mask; the unscaled mask keeps a k*block/numel share of the energy
+        return None if self.scaled else min(1.0, self.num_blocks(numel) * self.block / numel)
+
+    def num_blocks(self, numel: int) -> int:
+        nblocks = math.ceil(numel / self.block)
+        return min(nblocks, math.ceil(self.ratio * numel / self.block))
+
+    def mask(self, numel: int, mk: MaskKey) -> BlockMask:
+        """The shared mask for this (numel, key); the last one is cached (gather + scatter reuse it)."""
+        key = (numel, mk)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        m = BlockMask(numel, self.block, reference_blocks(numel, self.ratio, self.block, mk))
+        self._cache = (key, m)
+        return m
+
+    def _scale(self, numel: int) -> float:
+        return numel / (self.num_blocks(numel) * self.block) if self.scaled else 1.0
+
+    def compress(self, x, mk, segments=None):
+        check_input(x, self.name)
+        values = self.mask(x.numel(), mk).gather(x)  # FAST PATH (kernels.block_gather on CUDA)
+        if self.scaled:
+            values.mul_(self._scale(x.numel()))
+        return (values,)
+
+    def compress_ef(self, p, mk, segments=None):
+        check_input(p, self.name)
+        values = self.mask(p.numel(), mk).gather(p, zero_source=True)  # FAST PATH (block_gather_zero)
+        if self.scaled:  # residual of the scaled compressor is p - s*mask(p), not just the unselected part
+            m = self.mask(p.numel(), mk)
+            m.scatter(values.mul(1.0 - self._scale(p.numel())), p)
+            values.mul_(self._scale(p.numel()))
+        return (values,)
+
+    def overwrite(self, values, out, mk, segments=None):
+        return self.mask(out.numel(), mk).scatter(values, out)  # FAST PATH (kernels.block_scatter on CUDA)
+
+    def decompress(self, payload, numel, dtype, mk, segments=None, out=None):
+        (values,) = payload
+        if out is None:
+            out = torch.zeros(numel, dtype=dtype, device=values.device)
+        else:
+            out.zero_()
+        return self.overwrite(values, out, mk)
+
+    def wire_bytes(self, numel, dtype=torch.float32, segments=None):
+        return self.num_blocks(numel) * self.block * torch.empty((), dtype=dtype).element_size()

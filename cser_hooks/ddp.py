@@ -1,0 +1,111 @@
+"""DDP front end: one state + one comm hook per algorithm, in torch's own convention.
+
+    state = CSERState(process_group=None, c1="random_block:ratio=1/64", c2="random_block:ratio=1/4",
+                      period=16, optimizer=opt)
+    ddp_model.register_comm_hook(state, cser_hook)
+
+The adapter is thin: it turns a ``GradBucket`` into (key = ``bucket.index()``, the flat gradient,
+the parameter offsets), runs warm-up / agreement / the algorithm's ``encode``, launches the one
+collective from the hook call itself (ALGORITHMS.md §8: never from a Future callback, so ranks
+cannot interleave buckets differently on gloo), and decodes in the Future's callback (local math
+only). The step counter advances on ``bucket.is_last()``.
+"""
+from typing import Dict, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .algorithms.compskip import CompSkip
+from .algorithms.cser import CSER
+from .algorithms.ef import ErrorFeedback
+from .comm import TorchDistCommunicator
+from .exchange import launch
+from .state import AlgorithmState, StepContext
+
+__all__ = ["EFState", "ef_hook", "CSERState", "cser_hook", "CompSkipState", "compskip_hook", "run_hook"]
+
+_SEGMENTS: Dict[Tuple[int, object, int], list] = {}  # (id(state), key, nparams) -> offsets
+
+
+def _segments(state: AlgorithmState, key, params) -> list:
+    """Element offsets of the bucket's parameters (block boundaries for sign_blockwise), cached."""
+    ck = (id(state), key, len(params))
+    seg = _SEGMENTS.get(ck)
+    if seg is None or seg[-1] != sum(p.numel() for p in params):
+        seg = [0]
+        for p in params:
+            seg.append(seg[-1] + p.numel())
+        _SEGMENTS[ck] = seg
+    return seg
+
+
+def run_hook(state: AlgorithmState, bucket: dist.GradBucket) -> torch.futures.Future:
+    """The generic DDP comm hook body shared by every algorithm's hook."""
+    grad = bucket.buffer()
+    key = bucket.index()
+    try:
+        params = bucket.parameters()
+        ctx = StepContext(key, state.step, grad.numel(), _segments(state, key, params), state.names_of(params))
+        if not state._agreed:
+            state.check_agreement()
+        state.before_bucket(ctx, params)
+        state.count_dense(grad)
+        if ctx.step < state.warmup_steps:
+            return state.comm.allreduce_mean_async(grad)
+        ex = state.encode(grad, ctx)
+        ctx.extra["exchange"] = ex
+        return launch(state.comm, ex).then(lambda fut: state.decode(grad, fut.value(), ctx))
+    finally:
+        if bucket.is_last():
+            state.finish_step()
+
+
+def _checked(state, cls, hook_name) -> None:
+    if not isinstance(state, cls):
+        raise TypeError(f"{hook_name} needs a {cls.__name__}, got {type(state).__name__}; register each state "
+                        f"with its own hook (e.g. CSERState with cser_hook)")
+
+
+class EFState(ErrorFeedback):
+    """Error feedback over a DDP process group. See :class:`~cser_hooks.algorithms.ef.ErrorFeedback`."""
+
+    __slots__ = ()
+
+    def __init__(self, process_group=None, compressor="random_block:ratio=1/32", **kw):
+        super().__init__(TorchDistCommunicator(process_group), compressor, **kw)
+
+
+class CSERState(CSER):
+    """CSER over a DDP process group. See :class:`~cser_hooks.algorithms.cser.CSER` for the knobs."""
+
+    __slots__ = ()
+
+    def __init__(self, process_group=None, c1="random_block:ratio=1/64", c2="identity", period=16, **kw):
+        super().__init__(TorchDistCommunicator(process_group), c1, c2, period, **kw)
+
+
+class CompSkipState(CompSkip):
+    """CompSkip over a DDP process group. See :class:`~cser_hooks.algorithms.compskip.CompSkip`."""
+
+    __slots__ = ()
+
+    def __init__(self, process_group=None, compressor="random_block:ratio=1/16", **kw):
+        super().__init__(TorchDistCommunicator(process_group), compressor, **kw)
+
+
+def ef_hook(state: EFState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """Error-feedback comm hook (ALGORITHMS.md §2)."""
+    _checked(state, ErrorFeedback, "ef_hook")
+    return run_hook(state, bucket)
+
+
+def cser_hook(state: CSERState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """CSER comm hook (ALGORITHMS.md §3): partial gradient sync; resets via the optimizer post-hook."""
+    _checked(state, CSER, "cser_hook")
+    return run_hook(state, bucket)
+
+
+def compskip_hook(state: CompSkipState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """CompSkip comm hook (ALGORITHMS.md §5)."""
+    _checked(state, CompSkip, "compskip_hook")
+    return run_hook(state, bucket)

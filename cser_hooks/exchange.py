@@ -1,0 +1,91 @@
+"""Turning a compressor payload into one collective and back (used by every algorithm).
+
+* shared-mask (linear) compressors: the values and the 1-element non-finite flag are sent in *one*
+  allreduce (mean); the average is decompressed straight into the gradient buffer.
+* other compressors: the payload tensors and the flag are packed into *one* uint8 buffer per rank
+  and allgathered (payload sizes are a function of numel only, so every rank's buffer has the
+  same size); each rank's payload is decompressed and averaged. Inside the buffer the flag comes
+  first and the parts follow by decreasing element size, so every part stays aligned for its
+  dtype without padding bytes: the buffer is exactly flag + wire_bytes long.
+One collective per bucket keeps the order trivially identical on every rank.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+
+from .comm import Communicator, Future, completed
+from .compressors import Compressor, MaskKey
+from .state import Exchange
+
+
+def exchange_for(compressor: Compressor, payload: tuple, flag: torch.Tensor | None) -> Exchange:
+    if compressor.linear:
+        (values,) = payload
+        if flag is not None:
+            values = torch.cat([values.reshape(-1), flag.to(device=values.device, dtype=values.dtype)])
+        return Exchange("allreduce", (values,), flag)
+    parts = [flag.reshape(-1).view(torch.uint8)] if flag is not None else []
+    parts += [payload[i].reshape(-1).view(torch.uint8) for i in _packing_order(payload)]
+    return Exchange("allgather", (torch.cat(parts),), flag)
+
+
+def _packing_order(payload) -> List[int]:
+    return sorted(range(len(payload)), key=lambda i: -payload[i].element_size())
+
+
+def launch(comm: Communicator, ex: Exchange) -> Future:
+    """Start the collective of ``ex`` (from the hook call itself, never from a callback)."""
+    if ex.kind == "none":
+        return completed(None)
+    if ex.kind == "allreduce":
+        return comm.allreduce_mean_async(ex.tensors[0])
+    if ex.kind == "allgather":
+        return comm.allgather_async(ex.tensors[0])
+    raise ValueError(f"unknown exchange kind {ex.kind!r}")
+
+
+def _layout(payload: Sequence[torch.Tensor]) -> List[Tuple[int, torch.dtype, int]]:
+    return [(i, payload[i].dtype, payload[i].numel()) for i in _packing_order(payload)]
+
+
+def unpack(buf: torch.Tensor, layout, has_flag: bool) -> Tuple[tuple, torch.Tensor | None]:
+    """Inverse of the allgather packing of :func:`exchange_for` (views, no copies)."""
+    o = 4 if has_flag else 0
+    flag = buf[:4].view(torch.float32) if has_flag else None
+    out = [None] * len(layout)
+    for i, dtype, n in layout:
+        nb = n * torch.empty((), dtype=dtype).element_size()
+        out[i] = buf[o:o + nb].view(dtype)
+        o += nb
+    return tuple(out), flag
+
+
+def average_into(compressor: Compressor, ex: Exchange, received, out: torch.Tensor, mk: MaskKey,
+                 segments, world_size: int, layout) -> torch.Tensor | None:
+    """Write avg_j C(p_j) into ``out``; return the summed non-finite flag (a tensor) or None."""
+    has_flag = ex.flag is not None
+    if ex.kind == "allreduce":
+        values = received
+        flag = None
+        if has_flag:
+            flag, values = values[-1:].float() * world_size, values[:-1]
+        compressor.decompress((values,), out.numel(), out.dtype, mk, segments, out=out)
+        return flag
+    # allgather: a list of uint8 buffers, one per rank
+    acc = out if out.dtype == torch.float32 else torch.zeros(out.numel(), device=out.device)
+    acc.zero_()
+    flags = []
+    for buf in received:
+        payload, f = unpack(buf, layout, has_flag)
+        if f is not None:
+            flags.append(f)
+        compressor.decompress_add(payload, acc, 1.0 / world_size, mk, segments)
+    if acc is not out:
+        out.copy_(acc)
+    return torch.stack(flags).sum().view(1) if flags else None
+
+
+def layout_of(payload) -> list:
+    return _layout(payload)

@@ -1,0 +1,262 @@
+"""What every algorithm's state shares (ARCHITECTURE.md: state.py).
+
+Per-key tensors (key = DDP bucket index or Horovod tensor name), the step counter, warm-up, the
+cross-rank configuration agreement check, the non-finite guard, counters for ``stats()`` and
+``state_dict()`` / ``load_state_dict()``. The random masks and QSGD's rounding are pure functions
+of (seed, step, key, salt[, rank]), so the step counter *is* the RNG position: a restored state
+continues exactly.
+
+An algorithm subclasses :class:`AlgorithmState` and implements ``encode`` (gradient -> what goes
+on the wire), ``decode`` (what came back -> the gradient the optimizer applies) and, when it
+changes the model, ``after_optimizer_step`` / ``before_bucket``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Sequence
+
+import torch
+
+from .comm import Communicator
+from .compressors import MaskKey
+from .compressors.per_tensor import PerTensor
+
+
+@dataclass
+class Exchange:
+    """What ``encode`` asks the front end to communicate.
+
+    kind: ``"none"`` (nothing to send), ``"allreduce"`` (tensors[0] is averaged over ranks; a
+    shared-mask payload) or ``"allgather"`` (every rank's payload tuple is gathered).
+    ``flag``: a 1-element float tensor, 1 where this rank's input was non-finite; it travels with
+    the payload so all ranks learn about it and fail together (no hang, no silent divergence).
+    """
+
+    kind: str
+    tensors: tuple = ()
+    flag: torch.Tensor | None = None
+
+
+@dataclass
+class StepContext:
+    """Captured at the hook call, used by the (possibly later) decode: the step may advance meanwhile."""
+
+    key: Any
+    step: int
+    numel: int
+    segments: Sequence[int] | None = None
+    names: Sequence[str] | None = None   # parameter names of the segments (per-tensor mode only)
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+class ConfigMismatchError(ValueError):
+    pass
+
+
+def nonfinite_flag(p: torch.Tensor) -> torch.Tensor:
+    """1.0 if p holds a NaN/Inf, else 0.0, without a host sync (one reduction over p)."""
+    s = p.sum(dtype=torch.float32)
+    return (~torch.isfinite(s)).to(torch.float32).view(1)
+
+
+class AlgorithmState:
+    """Base of every algorithm's state. See the module docstring; subclasses document the knobs."""
+
+    algorithm = "base"
+    __slots__ = ("comm", "seed", "warmup_steps", "check_finite", "step", "buffers", "optimizer",
+                 "_agreed", "_loaded", "_pending_flag", "_bytes_total", "_bytes_last", "_dense_last",
+                 "_dense_acc", "_dense_total", "_steps_counted", "_compress_seconds", "_comm_seconds",
+                 "_hook_handle", "param_names", "_per_tensor", "__weakref__")
+
+    def __init__(self, comm: Communicator, *, seed: int = 0, warmup_steps: int = 1, optimizer=None,
+                 check_finite: bool = True, named_parameters=None):
+        if warmup_steps < 0:
+            raise ValueError("warmup_steps must be >= 0")
+        self.comm = comm
+        self.seed = int(seed)
+        self.warmup_steps = int(warmup_steps)
+        self.check_finite = bool(check_finite)
+        self.step = 0
+        self.buffers: Dict[Any, Dict[str, torch.Tensor]] = {}
+        self._agreed = False
+        self._loaded: Dict[Any, Dict[str, torch.Tensor]] = {}
+        self._pending_flag = None
+        self._bytes_total = self._bytes_last = self._dense_last = self._dense_acc = self._dense_total = 0
+        self._steps_counted = 0
+        self._compress_seconds = self._comm_seconds = 0.0
+        self._hook_handle = None
+        # per-tensor mode: masks keyed by parameter name (ALGORITHMS.md §3 last paragraph; makes the
+        # DDP and Horovod front ends select the same coordinates)
+        self.param_names = None if named_parameters is None else {id(p): n for n, p in named_parameters}
+        self._per_tensor = {}
+        self.optimizer = None
+        if optimizer is not None:
+            self.attach_optimizer(optimizer)
+
+    # -- configuration ---------------------------------------------------------------------
+    def config(self) -> Dict[str, Any]:
+        """Every setting all ranks must agree on (checked at the first hook call)."""
+        return {"algorithm": self.algorithm, "seed": self.seed, "warmup_steps": self.warmup_steps,
+                "world_size": self.comm.world_size, "per_tensor": self.param_names is not None}
+
+    def names_of(self, params) -> list | None:
+        """Parameter names of a bucket's tensors in per-tensor mode (else None)."""
+        if self.param_names is None:
+            return None
+        try:
+            return [self.param_names[id(p)] for p in params]
+        except KeyError:
+            raise ValueError("cser_hooks: a parameter of this bucket is not in the named_parameters given to the "
+                             "state; pass model.named_parameters() of the wrapped model") from None
+
+    def compressor_for(self, comp, ctx: StepContext):
+        """``comp`` itself, or in per-tensor mode its PerTensor wrapper for this key's tensors."""
+        if ctx.names is None or not comp.linear or comp.name in ("identity", "zero", "fp16", "bf16"):
+            return comp  # non-linear compressors work on the whole bucket; casts are the same either way
+        ck = (id(comp), ctx.key)
+        hit = self._per_tensor.get(ck)
+        if hit is None or hit.names != list(ctx.names):
+            hit = self._per_tensor[ck] = PerTensor(comp, ctx.names)
+        return hit
+
+    def check_agreement(self) -> None:
+        """One small collective: every rank's config() must be equal; name the first differing field."""
+        mine = self.config()
+        everyone = self.comm.all_gather_object(mine)
+        self._agreed = True
+        for r, other in enumerate(everyone):
+            if other != mine:
+                for k in sorted(set(mine) | set(other)):
+                    if mine.get(k) != other.get(k):
+                        raise ConfigMismatchError(
+                            f"cser_hooks: ranks are configured differently: field {k!r} is {mine.get(k)!r} on "
+                            f"rank {self.comm.rank} but {other.get(k)!r} on rank {r}. Construct the state with "
+                            f"the same arguments on every rank.")
+
+    def attach_optimizer(self, optimizer) -> None:
+        """Run ``after_optimizer_step`` right after every ``optimizer.step()`` (a step post-hook)."""
+        if self._hook_handle is not None:
+            self._hook_handle.remove()
+        self.optimizer = optimizer
+        self._hook_handle = optimizer.register_step_post_hook(lambda opt, args, kwargs: self.after_optimizer_step())
+
+    def mask_key(self, ctx: StepContext, salt: str = "c1", step: int | None = None) -> MaskKey:
+        return MaskKey(self.seed, ctx.step if step is None else step, ctx.key, salt, self.comm.rank)
+
+    # -- per-key tensors -------------------------------------------------------------------
+    def buffer(self, key, name: str, numel: int, device, dtype=torch.float32) -> torch.Tensor:
+        """The per-key tensor ``name`` (zeros at first use, or the restored one)."""
+        slot = self.buffers.setdefault(key, {})
+        t = slot.get(name)
+        if t is None:
+            loaded = self._loaded.get(key, {}).pop(name, None)
+            if loaded is not None:
+                if loaded.numel() != numel:
+                    raise ValueError(
+                        f"cser_hooks: restored state {name!r} for key {key!r} has {loaded.numel()} elements but "
+                        f"this bucket has {numel}. The checkpoint comes from a different model or bucketing "
+                        f"(bucket_cap_mb); restore with the same model and DDP settings, or start fresh.")
+                t = loaded.to(device=device, dtype=dtype)
+            else:
+                t = torch.zeros(numel, device=device, dtype=dtype)
+            slot[name] = t
+        elif t.numel() != numel:
+            raise ValueError(f"cser_hooks: key {key!r} changed size from {t.numel()} to {numel} elements. "
+                             f"Buckets must not change after warm-up; raise warmup_steps above 1 if DDP rebuilds "
+                             f"its buckets later.")
+        return t
+
+    # -- the algorithm ---------------------------------------------------------------------
+    def encode(self, grad: torch.Tensor, ctx: StepContext) -> Exchange:
+        raise NotImplementedError
+
+    def decode(self, grad: torch.Tensor, received, ctx: StepContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def before_bucket(self, ctx: StepContext, params: Sequence[torch.Tensor]) -> None:
+        """Model-side work due at the start of a bucket's hook (e.g. a deferred CSER reset)."""
+
+    def after_optimizer_step(self) -> None:
+        """Model-side work right after optimizer.step() (needs attach_optimizer)."""
+
+    # -- guard, timing, step accounting ------------------------------------------------------
+    def raise_if_nonfinite(self, flag_value: float, ctx: StepContext) -> None:
+        if flag_value != 0:
+            raise FloatingPointError(
+                f"cser_hooks: non-finite gradient (NaN/Inf) on {int(flag_value)} rank(s) at step {ctx.step}, key "
+                f"{ctx.key!r}. Nothing was applied to the residuals' future use; lower the learning rate, clip "
+                f"gradients, or use torch.amp.GradScaler (which skips such steps) before the hook.")
+
+    def check_flag(self, flag: torch.Tensor, ctx: StepContext) -> None:
+        """Raise on all ranks when the summed flag is non-zero; deferred one step on CUDA (no sync)."""
+        if flag.device.type == "cpu":
+            self.raise_if_nonfinite(float(flag), ctx)
+        else:
+            prev, self._pending_flag = self._pending_flag, (flag, ctx)
+            if prev is not None:
+                self.raise_if_nonfinite(float(prev[0]), prev[1])
+
+    def timed(self, t0: float) -> None:
+        self._compress_seconds += time.perf_counter() - t0
+
+    def count_dense(self, grad: torch.Tensor) -> None:
+        self._dense_acc += grad.numel() * grad.element_size()
+
+    def finish_step(self) -> None:
+        """Advance the step counter (DDP: on bucket.is_last()) and close this step's counters."""
+        self._bytes_last = self.comm.bytes_sent
+        self._comm_seconds += self.comm.comm_seconds
+        self.comm.reset_counters()
+        self._bytes_total += self._bytes_last
+        self._dense_last, self._dense_acc = self._dense_acc, 0
+        self._dense_total += self._dense_last
+        self._steps_counted += 1
+        self.step += 1
+
+    def stats(self) -> Dict[str, Any]:
+        """Counters since construction: bytes handed to collectives by this rank, and time shares.
+
+        ``compress_seconds`` is host time spent in encode/decode (on CUDA: launch time, kernels are
+        asynchronous); ``comm_seconds`` is launch-to-completion time of the collectives.
+        """
+        n = max(self._steps_counted, 1)
+        return {
+            "algorithm": self.algorithm, "step": self.step,
+            "bytes_sent_total": self._bytes_total, "bytes_sent_last_step": self._bytes_last,
+            "bytes_sent_mean_per_step": self._bytes_total / n,
+            "dense_bytes_last_step": self._dense_last, "dense_bytes_total": self._dense_total,
+            "compression_ratio": (self._bytes_total / self._dense_total) if self._dense_total else None,
+            "compress_seconds": self._compress_seconds, "comm_seconds": self._comm_seconds,
+        }
+
+    # -- checkpointing -----------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """Per-rank state: config, step (= RNG position), per-key tensors (on CPU)."""
+        bufs = {k: {n: t.detach().cpu().clone() for n, t in v.items()} for k, v in self.buffers.items()}
+        for k, v in self._loaded.items():  # restored but not used yet: keep them
+            for n, t in v.items():
+                bufs.setdefault(k, {}).setdefault(n, t)
+        return {"format": 1, "config": self.config(), "rank": self.comm.rank, "step": self.step,
+                "buffers": bufs}
+
+    def load_state_dict(self, sd: Dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output of the same rank; sizes are checked at first use."""
+        if not isinstance(sd, dict) or "config" not in sd or "buffers" not in sd:
+            raise ValueError("cser_hooks: load_state_dict expects the dict returned by state_dict()")
+        mine = self.config()
+        theirs = sd["config"]
+        if theirs.get("algorithm") != mine["algorithm"]:
+            raise ValueError(f"cser_hooks: checkpoint is for algorithm {theirs.get('algorithm')!r}, this state is "
+                             f"{mine['algorithm']!r}; load it into the matching state class.")
+        for k in sorted(set(mine) | set(theirs)):
+            if mine.get(k) != theirs.get(k):
+                raise ValueError(f"cser_hooks: checkpoint setting {k!r} = {theirs.get(k)!r} differs from this "
+                                 f"state's {mine.get(k)!r}; construct the state with the checkpoint's settings.")
+        if sd.get("rank") != self.comm.rank:
+            raise ValueError(f"cser_hooks: checkpoint was saved by rank {sd.get('rank')}, this is rank "
+                             f"{self.comm.rank}; each rank must load its own state_dict.")
+        self.step = int(sd["step"])
+        self.buffers = {}
+        self._loaded = {k: dict(v) for k, v in sd["buffers"].items()}
+        self._agreed = False
