@@ -10,32 +10,31 @@ collective from the hook call itself (ALGORITHMS.md §8: never from a Future cal
 cannot interleave buckets differently on gloo), and decodes in the Future's callback (local math
 only). The step counter advances on ``bucket.is_last()``.
 """
-from typing import Dict, Tuple
-
 import torch
 import torch.distributed as dist
 
 from .algorithms.compskip import CompSkip
 from .algorithms.cser import CSER
+from .algorithms.dist_ef_sgdm import DistEFSGDM
 from .algorithms.ef import ErrorFeedback
+from .algorithms.qsparse import QsparseLocalSGD
 from .comm import TorchDistCommunicator
 from .exchange import launch
 from .state import AlgorithmState, StepContext
 
-__all__ = ["EFState", "ef_hook", "CSERState", "cser_hook", "CompSkipState", "compskip_hook", "run_hook"]
-
-_SEGMENTS: Dict[Tuple[int, object, int], list] = {}  # (id(state), key, nparams) -> offsets
+__all__ = ["EFState", "ef_hook", "CSERState", "cser_hook", "CompSkipState", "compskip_hook", "run_hook",
+           "DistEFSGDMState", "dist_ef_sgdm_hook", "QsparseLocalSGDState", "qsparse_local_sgd_hook"]
 
 
 def _segments(state: AlgorithmState, key, params) -> list:
-    """Element offsets of the bucket's parameters (block boundaries for sign_blockwise), cached."""
-    ck = (id(state), key, len(params))
-    seg = _SEGMENTS.get(ck)
-    if seg is None or seg[-1] != sum(p.numel() for p in params):
+    """Element offsets of the bucket's parameters (block boundaries for sign_blockwise), cached per key."""
+    seg = state.seg_cache.get(key)
+    # compare every size: DDP's bucket rebuild after step 0 may reorder a bucket's parameters
+    if seg is None or len(seg) != len(params) + 1 or any(b - a != p.numel() for a, b, p in zip(seg, seg[1:], params)):
         seg = [0]
         for p in params:
             seg.append(seg[-1] + p.numel())
-        _SEGMENTS[ck] = seg
+        state.seg_cache[key] = seg
     return seg
 
 
@@ -108,4 +107,34 @@ def cser_hook(state: CSERState, bucket: dist.GradBucket) -> torch.futures.Future
 def compskip_hook(state: CompSkipState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """CompSkip comm hook (ALGORITHMS.md §5)."""
     _checked(state, CompSkip, "compskip_hook")
+    return run_hook(state, bucket)
+
+
+class DistEFSGDMState(DistEFSGDM):
+    """dist-EF-SGDM over a DDP process group. See :class:`~cser_hooks.algorithms.dist_ef_sgdm.DistEFSGDM`."""
+
+    __slots__ = ()
+
+    def __init__(self, process_group=None, compressor="sign_blockwise", **kw):
+        super().__init__(TorchDistCommunicator(process_group), compressor, **kw)
+
+
+def dist_ef_sgdm_hook(state: DistEFSGDMState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """dist-EF-SGDM comm hook (ALGORITHMS.md §6): momentum + two-way 1-bit error feedback; plain SGD outside."""
+    _checked(state, DistEFSGDM, "dist_ef_sgdm_hook")
+    return run_hook(state, bucket)
+
+
+class QsparseLocalSGDState(QsparseLocalSGD):
+    """Qsparse-local-SGD over a DDP process group. See :class:`~cser_hooks.algorithms.qsparse.QsparseLocalSGD`."""
+
+    __slots__ = ()
+
+    def __init__(self, process_group=None, compressor="top_k:ratio=1/64 + qsgd:s=15,scale=0.5", **kw):
+        super().__init__(TorchDistCommunicator(process_group), compressor, **kw)
+
+
+def qsparse_local_sgd_hook(state: QsparseLocalSGDState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """Qsparse-local-SGD comm hook (ALGORITHMS.md §7): local steps; syncs via the optimizer post-hook."""
+    _checked(state, QsparseLocalSGD, "qsparse_local_sgd_hook")
     return run_hook(state, bucket)

@@ -11,7 +11,7 @@ One collective per bucket keeps the order trivially identical on every rank.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 
@@ -31,7 +31,7 @@ def exchange_for(compressor: Compressor, payload: tuple, flag: torch.Tensor | No
     return Exchange("allgather", (torch.cat(parts),), flag)
 
 
-def _packing_order(payload) -> List[int]:
+def _packing_order(payload) -> list[int]:
     return sorted(range(len(payload)), key=lambda i: -payload[i].element_size())
 
 
@@ -46,11 +46,11 @@ def launch(comm: Communicator, ex: Exchange) -> Future:
     raise ValueError(f"unknown exchange kind {ex.kind!r}")
 
 
-def _layout(payload: Sequence[torch.Tensor]) -> List[Tuple[int, torch.dtype, int]]:
+def _layout(payload: Sequence[torch.Tensor]) -> list[tuple[int, torch.dtype, int]]:
     return [(i, payload[i].dtype, payload[i].numel()) for i in _packing_order(payload)]
 
 
-def unpack(buf: torch.Tensor, layout, has_flag: bool) -> Tuple[tuple, torch.Tensor | None]:
+def unpack(buf: torch.Tensor, layout, has_flag: bool) -> tuple[tuple, torch.Tensor | None]:
     """Inverse of the allgather packing of :func:`exchange_for` (views, no copies)."""
     o = 4 if has_flag else 0
     flag = buf[:4].view(torch.float32) if has_flag else None

@@ -13,8 +13,9 @@ changes the model, ``after_optimizer_step`` / ``before_bucket``.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Dict, Sequence
+from typing import Any
 
 import torch
 
@@ -47,7 +48,7 @@ class StepContext:
     numel: int
     segments: Sequence[int] | None = None
     names: Sequence[str] | None = None   # parameter names of the segments (per-tensor mode only)
-    extra: Dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class ConfigMismatchError(ValueError):
@@ -67,7 +68,7 @@ class AlgorithmState:
     __slots__ = ("comm", "seed", "warmup_steps", "check_finite", "step", "buffers", "optimizer",
                  "_agreed", "_loaded", "_pending_flag", "_bytes_total", "_bytes_last", "_dense_last",
                  "_dense_acc", "_dense_total", "_steps_counted", "_compress_seconds", "_comm_seconds",
-                 "_hook_handle", "param_names", "_per_tensor", "__weakref__")
+                 "_hook_handle", "param_names", "_per_tensor", "seg_cache", "__weakref__")
 
     def __init__(self, comm: Communicator, *, seed: int = 0, warmup_steps: int = 1, optimizer=None,
                  check_finite: bool = True, named_parameters=None):
@@ -78,9 +79,9 @@ class AlgorithmState:
         self.warmup_steps = int(warmup_steps)
         self.check_finite = bool(check_finite)
         self.step = 0
-        self.buffers: Dict[Any, Dict[str, torch.Tensor]] = {}
+        self.buffers: dict[Any, dict[str, torch.Tensor]] = {}
         self._agreed = False
-        self._loaded: Dict[Any, Dict[str, torch.Tensor]] = {}
+        self._loaded: dict[Any, dict[str, torch.Tensor]] = {}
         self._pending_flag = None
         self._bytes_total = self._bytes_last = self._dense_last = self._dense_acc = self._dense_total = 0
         self._steps_counted = 0
@@ -90,12 +91,13 @@ class AlgorithmState:
         # DDP and Horovod front ends select the same coordinates)
         self.param_names = None if named_parameters is None else {id(p): n for n, p in named_parameters}
         self._per_tensor = {}
+        self.seg_cache: dict[Any, list] = {}  # key -> element offsets of its tensors (front end fills it)
         self.optimizer = None
         if optimizer is not None:
             self.attach_optimizer(optimizer)
 
     # -- configuration ---------------------------------------------------------------------
-    def config(self) -> Dict[str, Any]:
+    def config(self) -> dict[str, Any]:
         """Every setting all ranks must agree on (checked at the first hook call)."""
         return {"algorithm": self.algorithm, "seed": self.seed, "warmup_steps": self.warmup_steps,
                 "world_size": self.comm.world_size, "per_tensor": self.param_names is not None}
@@ -214,7 +216,7 @@ class AlgorithmState:
         self._steps_counted += 1
         self.step += 1
 
-    def stats(self) -> Dict[str, Any]:
+    def stats(self) -> dict[str, Any]:
         """Counters since construction: bytes handed to collectives by this rank, and time shares.
 
         ``compress_seconds`` is host time spent in encode/decode (on CUDA: launch time, kernels are
@@ -231,7 +233,7 @@ class AlgorithmState:
         }
 
     # -- checkpointing -----------------------------------------------------------------------
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """Per-rank state: config, step (= RNG position), per-key tensors (on CPU)."""
         bufs = {k: {n: t.detach().cpu().clone() for n, t in v.items()} for k, v in self.buffers.items()}
         for k, v in self._loaded.items():  # restored but not used yet: keep them
@@ -240,7 +242,7 @@ class AlgorithmState:
         return {"format": 1, "config": self.config(), "rank": self.comm.rank, "step": self.step,
                 "buffers": bufs}
 
-    def load_state_dict(self, sd: Dict[str, Any]) -> None:
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output of the same rank; sizes are checked at first use."""
         if not isinstance(sd, dict) or "config" not in sd or "buffers" not in sd:
             raise ValueError("cser_hooks: load_state_dict expects the dict returned by state_dict()")

@@ -17,7 +17,7 @@ zero gradient (momentum continues), identically on every rank.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -95,8 +95,10 @@ class CompSkip(AlgorithmState):
     def state_dict(self):
         sd = super().state_dict()
         sd["skips"] = dict(self._skips)
+        sd["lr_of"] = dict(self._lr_of)
         return sd
 
     def load_state_dict(self, sd):
         super().load_state_dict(sd)
         self._skips = dict(sd.get("skips", {}))
+        self._lr_of = dict(sd.get("lr_of", {}))

@@ -27,7 +27,6 @@ Traffic per step ≈ ρ1 + ρ2/H of dense, and no index travels for shared-mask 
 from __future__ import annotations
 
 import time
-from typing import Dict
 
 import torch
 
@@ -61,8 +60,8 @@ class CSER(AlgorithmState):
         if int(period) < 1:
             raise ValueError(f"CSER: period (H) must be >= 1, got {period}")
         self.period = int(period)
-        self.params: Dict[object, tuple] = {}
-        self._reset_done: Dict[object, int] = {}
+        self.params: dict[object, tuple] = {}
+        self._reset_done: dict[object, int] = {}
         super().__init__(comm, **kw)
 
     def config(self):

@@ -50,6 +50,13 @@ class ErrorFeedback(AlgorithmState):
         return decode_average(self, self.compressor_for(self.compressor, ctx), grad, received,
                               ctx.extra["exchange"], ctx)
 
+    def state_dict(self):
+        return {**super().state_dict(), "lr_of": dict(self._lr_of)}
+
+    def load_state_dict(self, sd):
+        super().load_state_dict(sd)
+        self._lr_of = dict(sd.get("lr_of", {}))
+
 
 
 def rescale_on_lr_change(state: AlgorithmState, key, names) -> None:

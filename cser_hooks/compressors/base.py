@@ -16,12 +16,12 @@ bytes for a tensor of ``numel`` elements of ``dtype``; tests check it against th
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence, Tuple
 
 import torch
 
-Payload = Tuple[torch.Tensor, ...]
+Payload = tuple[torch.Tensor, ...]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 

@@ -10,12 +10,12 @@ are then numerically interchangeable. Only linear (shared-mask) inner compressor
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Sequence
 
 import torch
 
-from .base import Compressor, MaskKey, check_input
+from .base import Compressor, check_input
 
 
 class PerTensor(Compressor):
@@ -51,7 +51,8 @@ class PerTensor(Compressor):
 
     def overwrite(self, values, out, mk, segments=None):
         o = 0
-        for (n, a, b), size in zip(self._parts(out.numel(), segments), self._sizes(out.numel(), segments, values.dtype)):
+        sizes = self._sizes(out.numel(), segments, values.dtype)
+        for (n, a, b), size in zip(self._parts(out.numel(), segments), sizes):
             self.inner.overwrite(values[o:o + size], out[a:b], replace(mk, key=n))
             o += size
         return out

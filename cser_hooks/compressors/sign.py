@@ -13,7 +13,7 @@ Wire: 1 bit per element, packed LSB-first (``bits.py``), + one fp32 scale per bl
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -1,0 +1,30 @@
+"""Reference error feedback, W workers in one process (ALGORITHMS.md §2).
+
+Per bucket b and rank i, residual e (fp32, zero at start):
+    p_i = g_i + e_i ;  Δ_i = C(p_i) ;  e_i = p_i − Δ_i ;  every rank applies avg_j Δ_j
+with the mask key (seed, step, bucket index, "c1"). Steps before ``warmup_steps`` are plain
+averages and leave e untouched.
+"""
+from __future__ import annotations
+
+from .common import World, average, run_bucketed
+from .masks import RefCompressor
+
+
+def simulate_ef(world: World, steps: int, layouts, compressor: str, seed: int = 0, warmup_steps: int = 1,
+                history: list | None = None):
+    comp = RefCompressor(compressor)
+    residual: dict = {}
+
+    def transform(step, b, grads):
+        e = residual.setdefault(b, [g.new_zeros(g.shape) for g in grads])
+        deltas = []
+        for i, g in enumerate(grads):
+            p = g + e[i]
+            d = comp(p, seed, step, b, "c1")
+            e[i] = p - d
+            deltas.append(d)
+        avg = average(deltas)
+        return [avg] * len(grads)
+
+    return run_bucketed(world, steps, layouts, warmup_steps, transform, history=history)

@@ -1,0 +1,82 @@
+"""Shared masks and compressors, re-implemented from the brief's definition (ALGORITHMS.md §1).
+
+Independent of ``cser_hooks``: the mask of ``random_block`` is rebuilt here from the written
+definition (blake2b seed of ``"{seed}|{step}|{key}|{salt}"``, ``torch.randperm`` of the blocks),
+so a test comparing the package with this module compares two separate implementations.
+Every function returns dense tensors: ``C(p)`` has the shape of ``p`` with zeros where nothing is
+sent.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from fractions import Fraction
+
+import torch
+
+
+def generator_seed(seed: int, step: int, key, salt: str) -> int:
+    """63-bit seed of the shared mask for (job seed, step, bucket key, salt)."""
+    digest = hashlib.blake2b(f"{seed}|{step}|{key}|{salt}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def random_block_mask(numel: int, ratio: float, block: int, seed: int, step: int, key,
+                      salt: str) -> torch.Tensor:
+    """Boolean mask of the selected blocks: ceil(ratio*numel/block) of ceil(numel/block) blocks."""
+    nblocks = math.ceil(numel / block)
+    k = min(nblocks, math.ceil(ratio * numel / block))
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(generator_seed(seed, step, key, salt))
+    chosen = torch.randperm(nblocks, generator=gen)[:k]
+    block_mask = torch.zeros(nblocks, dtype=torch.bool)
+    block_mask[chosen] = True
+    return block_mask.repeat_interleave(block)[:numel]
+
+
+def top_k_mask(p: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Boolean mask of the k = ceil(ratio*numel) entries of largest magnitude."""
+    k = min(p.numel(), math.ceil(ratio * p.numel()))
+    mask = torch.zeros(p.numel(), dtype=torch.bool)
+    mask[torch.topk(p.abs(), k, sorted=False).indices] = True
+    return mask
+
+
+def _parse_ratio(text: str) -> float:
+    return float(Fraction(text))
+
+
+class RefCompressor:
+    """A dense reference compressor parsed from a registry string such as
+    ``"random_block:ratio=1/16,block=8"``, ``"random_k:ratio=1/8"``, ``"top_k:ratio=1/16"``,
+    ``"identity"`` or ``"zero"`` (sends nothing; CSER's local-SGD configuration).
+
+    ``compressor(p, seed, step, key, salt)`` returns ``C(p)`` as a dense tensor.
+    ``shared_mask`` tells whether the selection depends only on the key (not on ``p``).
+    """
+
+    def __init__(self, spec: str):
+        name, _, args = spec.partition(":")
+        self.spec = spec
+        self.name = name.strip()
+        opts = dict(kv.split("=", 1) for kv in args.split(",") if kv.strip())
+        self.ratio = _parse_ratio(opts.get("ratio", "1"))
+        if self.name == "random_block" and "block" not in opts:
+            raise ValueError(f"reference random_block needs an explicit block size: {spec!r}")
+        self.block = 1 if self.name == "random_k" else int(opts.get("block", 1))
+        if self.name not in ("random_block", "random_k", "top_k", "identity", "zero"):
+            raise ValueError(f"reference compressor {self.name!r} not implemented")
+        self.shared_mask = self.name != "top_k"
+
+    def mask(self, p: torch.Tensor, seed: int, step: int, key, salt: str) -> torch.Tensor:
+        n = p.numel()
+        if self.name == "identity":
+            return torch.ones(n, dtype=torch.bool)
+        if self.name == "zero":
+            return torch.zeros(n, dtype=torch.bool)
+        if self.name == "top_k":
+            return top_k_mask(p, self.ratio)
+        return random_block_mask(n, self.ratio, self.block, seed, step, key, salt)
+
+    def __call__(self, p: torch.Tensor, seed: int, step: int, key, salt: str) -> torch.Tensor:
+        return torch.where(self.mask(p, seed, step, key, salt), p, torch.zeros_like(p))

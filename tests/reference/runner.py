@@ -1,0 +1,37 @@
+"""Run the reference for a configuration dict of ``tests/ddp_workload.py`` (same keys)."""
+from __future__ import annotations
+
+from .common import Layout, World
+from .compskip import simulate_compskip
+from .cser import simulate_cser_hookform, simulate_cser_paper
+from .ef import simulate_ef
+
+
+def layouts_from_record(recorded: dict, shapes: dict, steps: int) -> list:
+    """``{step: [names of bucket 0, names of bucket 1, ...]}`` -> one Layout (or None) per step."""
+    return [Layout(recorded[s], shapes) if s in recorded else None for s in range(steps)]
+
+
+def simulate(cfg: dict, init: dict, grad_fn, world_size: int, steps: int, layouts, lr: float,
+             history: list | None = None, form: str = "hook", **override):
+    """Final parameters of every rank. ``form="paper"`` selects CSER's explicit-error form.
+
+    ``override`` replaces configuration entries (e.g. ``seed=1`` for a test that must fail).
+    """
+    cfg = {**cfg, **override}
+    world = World(init, world_size, grad_fn, lr, cfg.get("momentum", 0.0))
+    common = dict(seed=cfg.get("seed", 0), warmup_steps=cfg.get("warmup_steps", 1), history=history)
+    algo = cfg["algo"]
+    if algo == "ef":
+        return simulate_ef(world, steps, layouts, cfg["compressor"], **common)
+    if algo == "compskip":
+        return simulate_compskip(world, steps, layouts, cfg["compressor"], send_every=cfg.get("send_every"),
+                                 send_steps=cfg.get("send_steps"), **common)
+    if algo == "cser":
+        if form == "paper":
+            return simulate_cser_paper(world, steps, layouts, cfg["c1"], cfg["c2"], cfg["period"], **common)
+        return simulate_cser_hookform(world, steps, layouts, cfg["c1"], cfg["c2"], cfg["period"],
+                                      shifted=not cfg.get("give_optimizer", True), **common)
+    if algo in ("none", "torch_allreduce"):  # plain averaging at every step
+        return simulate_ef(world, steps, layouts, "identity", **{**common, "warmup_steps": steps})
+    raise ValueError(f"unknown algo {algo!r}")
