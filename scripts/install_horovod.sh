@@ -41,7 +41,11 @@ PYTAG=$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1
 # A wheel is only valid for the torch it was built against: key the cache on both.
 WHEEL_DIR="$CACHE/horovod-$HOROVOD_VERSION-torch$TORCH_VERSION-$PYTAG${HOROVOD_GPU_OPERATIONS:+-$HOROVOD_GPU_OPERATIONS}"
 
-"$PY" -m pip install -q "cloudpickle" "psutil" "pyyaml" "packaging" "cffi>=1.4.0"
+# Horovod's runtime dependencies (horovodrun needs them); pip is only asked when one is missing.
+if ! "$PY" -c 'import cloudpickle, psutil, yaml, packaging, cffi' 2>/dev/null; then
+  log "installing Horovod's runtime dependencies"
+  "$PY" -m pip install -q "cloudpickle" "psutil" "pyyaml" "packaging" "cffi>=1.4.0"
+fi
 
 WHEEL=$(ls "$WHEEL_DIR"/horovod-*.whl 2>/dev/null | head -n 1 || true)
 if [[ -n "$WHEEL" && "${CSER_HOROVOD_FORCE:-0}" != 1 ]]; then
