@@ -31,17 +31,23 @@ def _num(v: str):
         return float(Fraction(v))
 
 
+def _int(name: str, v) -> int:
+    if v is None or int(v) != v:
+        raise ValueError(f"{name} must be an integer, got {v!r}")
+    return int(v)
+
+
 REGISTRY = {
     "identity": lambda: Identity(),
     "zero": lambda: Zero(),
     "fp16": lambda: Cast(torch.float16),
     "bf16": lambda: Cast(torch.bfloat16),
-    "random_block": lambda ratio, block=256, scaled=0: RandomBlock(ratio, int(block), bool(scaled)),
+    "random_block": lambda ratio, block=256, scaled=0: RandomBlock(ratio, _int("block", block), bool(scaled)),
     "random_k": lambda ratio, scaled=0: RandomBlock(ratio, 1, bool(scaled)),
     "top_k": lambda ratio: TopK(ratio),
-    "sign_blockwise": lambda block=None: SignBlockwise(None if block is None else int(block)),
-    "sign": lambda block=None: SignBlockwise(None if block is None else int(block)),
-    "qsgd": lambda s=15, block=512, scale=1.0: QSGD(int(s), int(block), scale),
+    "sign_blockwise": lambda block=None: SignBlockwise(None if block is None else _int("block", block)),
+    "sign": lambda block=None: SignBlockwise(None if block is None else _int("block", block)),
+    "qsgd": lambda s=15, block=512, scale=1.0: QSGD(_int("s", s), _int("block", block), scale),
 }
 
 
@@ -64,8 +70,12 @@ def get_compressor(spec: str | Compressor) -> Compressor:
         k, eq, v = item.partition("=")
         if not eq:
             raise ValueError(f"compressor {spec!r}: parameter {item!r} must be name=value")
-        kwargs[k.strip()] = _num(v)
+        try:
+            kwargs[k.strip()] = _num(v)
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"compressor {spec!r}: parameter {k.strip()}={v.strip()!r} is not a number "
+                             f"(e.g. 0.01 or 1/64)") from None
     try:
         return REGISTRY[name](**kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise ValueError(f"compressor {spec!r}: {e}") from None

@@ -36,6 +36,7 @@ class Identity(Compressor):
         return out.copy_(v)
 
     def compress_ef(self, p, mk, segments=None):
+        check_input(p, self.name)
         payload = (p.clone(),)
         p.zero_()
         return payload
@@ -61,8 +62,9 @@ class Cast(Compressor):
 
     def delta(self, numel):
         # relative rounding error <= 2^-11 (fp16) / 2^-8 (bf16) per element, ignoring clipping/underflow
-        eps = 2.0 ** -11 if self.wire_dtype == torch.float16 else 2.0 ** -8
-        return 1.0 - eps * eps
+        if self.wire_dtype == torch.float16:
+            return None  # no data-independent bound: |x| < 2^-14 underflows, |x| > 65504 is clipped
+        return 1.0 - 2.0 ** -16  # bf16 keeps fp32's range: relative error <= 2^-8 per (normal) element
 
     def reference_compress(self, x):
         if self.wire_dtype == torch.float16:
@@ -87,6 +89,15 @@ class Cast(Compressor):
             return v.to(dtype)
         return out.copy_(v)
 
+    def compress_ef(self, p, mk, segments=None):
+        (v,) = self.compress(p, mk, segments)
+        if v is p:  # p already has the wire dtype: C(p) = p, send a copy and keep residual 0
+            v = p.clone()
+            p.zero_()
+        else:
+            p.sub_(v.to(p.dtype))
+        return (v,)
+
     def overwrite(self, values, out, mk, segments=None):
         return out.copy_(values)
 
@@ -109,6 +120,7 @@ class Zero(Compressor):
         return (x.new_empty(0),)
 
     def compress_ef(self, p, mk, segments=None):
+        check_input(p, self.name)
         return (p.new_empty(0),)
 
     def decompress(self, payload, numel, dtype, mk, segments=None, out=None):

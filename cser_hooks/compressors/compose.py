@@ -56,4 +56,4 @@ class Compose(Compressor):
     def wire_bytes(self, numel, dtype=torch.float32, segments=None):
         k = self._kept(numel)
         idx = 4 * k if isinstance(self.sparsifier, TopK) else 0
-        return idx + self.quantizer.wire_bytes(k, torch.float32)
+        return idx + self.quantizer.wire_bytes(k, dtype)

@@ -79,7 +79,10 @@ class QSGD(Compressor):
             return None
         d = min(self.block, numel)
         beta = min(d / self.s ** 2, math.sqrt(d) / self.s)
-        return 1.0 / (1.0 + beta) if self.scale <= 1.0 / (1.0 + beta) + 1e-12 else None
+        # E||x - cQ(x)||^2 = (1 - 2c)||x||^2 + c^2 E||Q(x)||^2 <= (1 - c(2 - c(1 + beta)))||x||^2
+        c = self.scale
+        delta = c * (2.0 - c * (1.0 + beta))
+        return delta if delta > 0 else None
 
     def compress(self, x, mk, segments=None):
         check_input(x, self.name)

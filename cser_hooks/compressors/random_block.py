@@ -130,8 +130,12 @@ class RandomBlock(Compressor):
         return s + (",scaled=1" if self.scaled else "")
 
     def delta(self, numel):
-        # in expectation over the mask; the unscaled mask keeps a k*block/numel share of the energy
-        return None if self.scaled else min(1.0, self.num_blocks(numel) * self.block / numel)
+        # in expectation over the mask: every block, the short tail block too, is kept with probability
+        # k/nblocks, so E||C(x)||^2 = (k/nblocks)||x||^2 (k*block/numel overstates it when the tail is short)
+        if self.scaled:
+            return None
+        nblocks = math.ceil(numel / self.block)
+        return self.num_blocks(numel) / nblocks if nblocks else 1.0
 
     def num_blocks(self, numel: int) -> int:
         nblocks = math.ceil(numel / self.block)
@@ -147,7 +151,9 @@ class RandomBlock(Compressor):
         return m
 
     def _scale(self, numel: int) -> float:
-        return numel / (self.num_blocks(numel) * self.block) if self.scaled else 1.0
+        # unbiased: 1 / P(block kept) = nblocks / k, the same for the short tail block
+        k = self.num_blocks(numel)
+        return math.ceil(numel / self.block) / k if self.scaled and k else 1.0
 
     def compress(self, x, mk, segments=None):
         check_input(x, self.name)

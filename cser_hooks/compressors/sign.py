@@ -65,13 +65,13 @@ class SignBlockwise(Compressor):
         hit = self._offs_cache.get(key)
         if hit is None:
             offs = block_offsets(numel, self.block, segments)
-            lengths = torch.tensor([b - a for a, b in zip(offs, offs[1:])], device=device)
+            lengths = torch.tensor([b - a for a, b in zip(offs, offs[1:])], dtype=torch.int64, device=device)
             hit = self._offs_cache[key] = (offs, lengths)
         return hit
 
     def delta(self, numel):
         d_max = self.block if self.block else numel
-        return 1.0 / min(d_max, numel)
+        return 1.0 / min(d_max, numel) if numel else 1.0
 
     def compress(self, x, mk, segments=None):
         check_input(x, self.name)
@@ -80,7 +80,8 @@ class SignBlockwise(Compressor):
         if self.block is not None and x.numel() % self.block == 0:
             scales = x.view(-1, self.block).abs().sum(1, dtype=torch.float32).div_(self.block)
         else:
-            scales = torch.segment_reduce(x.abs().float(), "sum", lengths=lengths).div_(lengths)
+            # an empty block (numel == 0) gets scale 0, not 0/0 (as kernels/__init__.py specifies)
+            scales = torch.segment_reduce(x.abs().float(), "sum", lengths=lengths).div_(lengths.clamp(min=1))
         bits = pack_codes((x >= 0).to(torch.int32), 1)
         return bits, scales
 

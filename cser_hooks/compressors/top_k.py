@@ -39,13 +39,20 @@ class TopK(Compressor):
         return min(numel, max(1, math.ceil(self.ratio * numel)))
 
     def delta(self, numel):
-        return self.k(numel) / numel
+        return self.k(numel) / numel if numel else 1.0
 
     def compress(self, x, mk, segments=None):
         check_input(x, self.name)
         k = self.k(x.numel())
         # FAST PATH: torch.topk on |x| (kernels.topk_select on CUDA); ties are measure-zero for real gradients
-        idx = torch.topk(x.abs(), k, sorted=False).indices.sort().values
+        a = x.abs().nan_to_num_(nan=float("inf"))  # NaN ranks first, as in torch.topk
+        if k == 0:
+            idx = torch.zeros(0, dtype=torch.int64, device=x.device)
+        else:
+            thr = torch.topk(a, k, sorted=False).values.min()  # the k-th largest magnitude
+            above = torch.nonzero(a > thr).view(-1)
+            ties = torch.nonzero(a == thr).view(-1)[: k - above.numel()]  # lowest indices first
+            idx = torch.cat([above, ties]).sort().values
         return x[idx], idx.to(torch.int32)
 
     def compress_ef(self, p, mk, segments=None):
