@@ -12,7 +12,8 @@ order whatever the completion order of earlier work. Callbacks only do local mat
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, List, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -62,6 +63,24 @@ class Communicator:
     def all_gather_object(self, obj) -> list:
         raise NotImplementedError
 
+    def all_to_all_async(self, inputs: Sequence[torch.Tensor], out_numels: Sequence[int]) -> Future:
+        """Send ``inputs[r]`` to rank r; Future of the list (by source rank) of received tensors,
+        ``out_numels[j]`` elements from rank j, dtype of ``inputs[0]``. Counts every input tensor
+        (own chunk included: the bytes handed to the collective)."""
+        raise NotImplementedError
+
+    def allgather_v_async(self, t: torch.Tensor, numels: Sequence[int]) -> Future:
+        """Allgather where rank r contributes ``numels[r]`` elements (sizes known on every rank, e.g.
+        0 for a rank with nothing to send). Future of the list by rank. Counts ``t`` once, as
+        :meth:`allgather_async` does."""
+        raise NotImplementedError
+
+    def sendrecv(self, sends: Sequence[tuple], recvs: Sequence[tuple]) -> list:
+        """Point-to-point: ``sends`` = [(tensor, peer rank)], ``recvs`` = [(numel, dtype, peer rank)];
+        all started together, then waited for (blocking). Returns the received tensors in ``recvs``
+        order. Counts every sent tensor. Peers must post the matching calls (e.g. ring neighbours)."""
+        raise NotImplementedError
+
     # -- built on the above ----------------------------------------------------------------
     def allreduce_mean_async(self, t: torch.Tensor) -> Future:
         """Average ``t`` over ranks in place. Divides *before* the sum so fp16 cannot overflow."""
@@ -100,7 +119,7 @@ class TorchDistCommunicator(Communicator):
             self._count([t])
             return completed([t])
         t0 = self._count([t])
-        outs: List[torch.Tensor] = [torch.empty_like(t) for _ in range(self.world_size)]
+        outs: list[torch.Tensor] = [torch.empty_like(t) for _ in range(self.world_size)]
         fut = dist.all_gather(outs, t, group=self.group, async_op=True).get_future()
         return self._timed(fut, t0, lambda _: outs)
 
@@ -118,3 +137,46 @@ class TorchDistCommunicator(Communicator):
         out: list = [None] * self.world_size
         dist.all_gather_object(out, obj, group=self.group)
         return out
+
+    def all_to_all_async(self, inputs, out_numels):
+        if len(inputs) != self.world_size or len(out_numels) != self.world_size:
+            raise ValueError(f"all_to_all needs one input and one output size per rank ({self.world_size})")
+        t0 = self._count(inputs)
+        if self.world_size == 1:
+            return completed([inputs[0]])
+        flat = torch.cat([t.reshape(-1) for t in inputs])
+        return self._alltoallv(flat, [t.numel() for t in inputs], out_numels, t0)
+
+    def allgather_v_async(self, t, numels):
+        if len(numels) != self.world_size or int(numels[self.rank]) != t.numel():
+            raise ValueError(f"allgather_v: numels must list every rank's size, this rank's = {t.numel()}")
+        if len(set(int(n) for n in numels)) == 1:
+            return self.allgather_async(t)
+        t0 = self._count([t])
+        # an all_to_all that sends the same tensor to every rank: unequal sizes, one collective
+        flat = t.reshape(-1).repeat(self.world_size)
+        return self._alltoallv(flat, [t.numel()] * self.world_size, numels, t0)
+
+    def _alltoallv(self, flat, in_numels, out_numels, t0) -> Future:
+        """gloo's list all_to_all needs equal sizes; all_to_all_single takes split sizes. The received
+        pieces are views of one buffer (a piece may start at an odd byte: clone before .view(dtype))."""
+        out_numels = [int(n) for n in out_numels]
+        out = torch.empty(sum(out_numels), dtype=flat.dtype, device=flat.device)
+        fut = dist.all_to_all_single(out, flat, output_split_sizes=out_numels, input_split_sizes=list(in_numels),
+                                     group=self.group, async_op=True).get_future()
+        return self._timed(fut, t0, lambda _: list(out.split(out_numels)))
+
+    def _global(self, r: int) -> int:
+        return r if self.group is dist.group.WORLD else dist.get_global_rank(self.group, r)
+
+    def sendrecv(self, sends, recvs):
+        t0 = self._count([t for t, _ in sends])
+        outs = [torch.empty(int(n), dtype=dt, device=(sends[0][0].device if sends else "cpu"))
+                for n, dt, _ in recvs]
+        works = [dist.irecv(o, src=self._global(r), group=self.group) for o, (_, _, r) in zip(outs, recvs)]
+        works += [dist.isend(t.reshape(-1), dst=self._global(r), group=self.group) for t, r in sends]
+        for w in works:
+            w.wait()
+        self.comm_seconds += time.perf_counter() - t0
+        return outs
+

@@ -17,25 +17,29 @@ from .algorithms.compskip import CompSkip
 from .algorithms.cser import CSER
 from .algorithms.dist_ef_sgdm import DistEFSGDM
 from .algorithms.ef import ErrorFeedback
+from .algorithms.qprsgd import QPRSGD
 from .algorithms.qsparse import QsparseLocalSGD
 from .comm import TorchDistCommunicator
 from .exchange import launch
 from .state import AlgorithmState, StepContext
 
 __all__ = ["EFState", "ef_hook", "CSERState", "cser_hook", "CompSkipState", "compskip_hook", "run_hook",
-           "DistEFSGDMState", "dist_ef_sgdm_hook", "QsparseLocalSGDState", "qsparse_local_sgd_hook"]
+           "DistEFSGDMState", "dist_ef_sgdm_hook", "QsparseLocalSGDState", "qsparse_local_sgd_hook",
+           "QPRSGDState", "qprsgd_hook"]
 
 
 def _segments(state: AlgorithmState, key, params) -> list:
-    """Element offsets of the bucket's parameters (block boundaries for sign_blockwise), cached per key."""
-    seg = state.seg_cache.get(key)
-    # compare every size: DDP's bucket rebuild after step 0 may reorder a bucket's parameters
-    if seg is None or len(seg) != len(params) + 1 or any(b - a != p.numel() for a, b, p in zip(seg, seg[1:], params)):
-        seg = [0]
-        for p in params:
-            seg.append(seg[-1] + p.numel())
-        state.seg_cache[key] = seg
-    return seg
+    """Element offsets of the bucket's parameters (block boundaries for sign_blockwise), cached per key.
+
+    Recomputed when the sizes differ (DDP rebuilds its buckets after the first step)."""
+    sizes = [p.numel() for p in params]
+    hit = state.seg_cache.get(key)
+    if hit is None or len(hit) != len(sizes) + 1 or any(b - a != n for a, b, n in zip(hit, hit[1:], sizes)):
+        hit = [0]
+        for n in sizes:
+            hit.append(hit[-1] + n)
+        state.seg_cache[key] = hit
+    return hit
 
 
 def run_hook(state: AlgorithmState, bucket: dist.GradBucket) -> torch.futures.Future:
@@ -137,4 +141,19 @@ class QsparseLocalSGDState(QsparseLocalSGD):
 def qsparse_local_sgd_hook(state: QsparseLocalSGDState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """Qsparse-local-SGD comm hook (ALGORITHMS.md §7): local steps; syncs via the optimizer post-hook."""
     _checked(state, QsparseLocalSGD, "qsparse_local_sgd_hook")
+    return run_hook(state, bucket)
+
+
+class QPRSGDState(QPRSGD):
+    """QPRSGD over a DDP process group. See :class:`~cser_hooks.algorithms.qprsgd.QPRSGD` for the knobs."""
+
+    __slots__ = ()
+
+    def __init__(self, process_group=None, compressor="qsgd:s=15,block=64", **kw):
+        super().__init__(TorchDistCommunicator(process_group), compressor, **kw)
+
+
+def qprsgd_hook(state: QPRSGDState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """QPRSGD comm hook (ALGORITHMS.md §4): local steps; quantized rounds via the optimizer post-hook."""
+    _checked(state, QPRSGD, "qprsgd_hook")
     return run_hook(state, bucket)

@@ -1,0 +1,229 @@
+"""Qsparse-local-SGD (ALGORITHMS.md §7; seed 004, Basu, Data, Karakus, Diggavi, NeurIPS 2019).
+
+The spec, worker i, at a synchronization index (between them: plain local SGD steps):
+    p_i = m_i + (x̂_i − x_i) ;  Δ_i = QComp(p_i) ;  m_i ← p_i − Δ_i
+    x̄ ← x̄ − (1/n) Σ_{j syncing} Δ_j ;  x̂_i ← x̄ ;  x_i ← x̄
+x̄ is the global model, x̂_i the last global model worker i received (x̂_i = x̄ in the synchronous
+case), m_i the error-compensation memory. QComp = Q ∘ Comp_k, e.g. ``"top_k:ratio=1/64 + qsgd:s=15,
+scale=0.5"`` (QSGD scaled by 1/(1+β) so that the composition is a contraction; the paper's
+β = min(d/s², √d/s) for blocks of d elements) or ``"top_k:ratio=1/64 + sign"`` (the scaled sign
+(‖Comp_k(v)‖₁/k)·sign(Comp_k(v))). Random-k / random_block sparsifiers work too.
+
+Code map (per DDP bucket = per key; all buffers flat over the bucket's parameters):
+  ``encode``/``decode``  steps between syncs: the hook returns the local gradient, no communication;
+                the user's optimizer takes a local step (its momentum stays local, as in local SGD).
+  ``init_bucket``   at the first post-warm-up step: x̄ = x̂_i = the (common) parameters, m_i = 0.
+  ``sync``          after ``optimizer.step()`` of every step s that is a sync index of *some* rank
+                (step post-hook when the state is given the optimizer; otherwise the hook of step
+                s + 1 does it before its bucket is reduced: a one-step shift, as for CSER):
+                p_i = m_i + x̂_i − x_i (in the buffer m) ; payload = QComp(p_i) ; m ← p − Δ_i
+                one ``allgather_v``: a syncing rank contributes [flag, payload], the others only the
+                4-byte flag (every rank knows every schedule: the sizes are known in advance)
+                x̄ ← x̄ − Σ_{j syncing} (1/n) Δ_j   (rank order) ; syncing ranks: x̂_i ← x̄, x_i ← x̄
+Schedules: ``period=H`` (all ranks sync after steps s with (s + 1) % H == 0, s >= warmup_steps),
+``period=[H_0, ..., H_{n−1}]`` (rank r syncs every H_r steps: the asynchronous variant), or
+``sync_steps=[[...], ...]`` (explicit per-rank lists). Asynchronous reading (a choice): the paper's
+master applies every arriving update with weight 1/n; here every rank keeps the same x̄ by
+receiving all updates, so no server is needed and every rank enters every collective (a rank
+with nothing to send sends its flag): no collective ever waits on a subset of ranks.
+
+Wire per bucket at a step where some rank syncs: 4 + wire_bytes(numel) bytes from a syncing rank,
+4 bytes from the others (counted once, as an allgather); nothing at other steps.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from ..compressors import get_compressor
+from ..exchange import layout_of, unpack
+from ..state import AlgorithmState, Exchange, StepContext, nonfinite_flag
+
+
+def flat_params(params) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).float() for p in params])
+
+
+def write_params(params, flat: torch.Tensor) -> None:
+    o = 0
+    with torch.no_grad():
+        for p in params:
+            n = p.numel()
+            p.copy_(flat[o:o + n].view_as(p))
+            o += n
+
+
+def pack_payload(payload, flag: torch.Tensor) -> torch.Tensor:
+    """[4-byte flag, payload parts by decreasing element size] as one uint8 buffer (exchange.py's order)."""
+    parts = [flag.reshape(-1).view(torch.uint8)]
+    parts += [payload[i].reshape(-1).view(torch.uint8) for i, _, _ in layout_of(payload)]
+    return torch.cat(parts)
+
+
+class ModelSync(AlgorithmState):
+    """Base of the local-SGD style algorithms: gradients stay local, the model is synchronized
+    after the optimizer step of the steps where ``sync_due(s)`` (ALGORITHMS.md §3 model-side ops).
+    Subclasses implement ``init_bucket(key, flat)`` and ``sync(key, s, params, pctx)``."""
+
+    __slots__ = ("params", "_synced")
+
+    def __init__(self, comm, **kw):
+        self.params: dict = {}
+        self._synced: dict = {}
+        super().__init__(comm, **kw)
+
+    def sync_due(self, s: int) -> bool:
+        raise NotImplementedError
+
+    def init_bucket(self, key, flat: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def sync(self, key, s: int, params, pctx: StepContext) -> None:
+        raise NotImplementedError
+
+    def model_buffer(self, key, name: str, flat: torch.Tensor) -> torch.Tensor:
+        """Per-key buffer initialised to ``flat`` at first use (or the restored one)."""
+        fresh = name not in self.buffers.get(key, {}) and name not in self._loaded.get(key, {})
+        t = self.buffer(key, name, flat.numel(), flat.device)
+        if fresh:
+            t.copy_(flat)
+        return t
+
+    def _run_sync(self, key, s: int) -> None:
+        if self._synced.get(key) == s or key not in self.params:
+            return
+        self._synced[key] = s
+        params, pctx = self.params[key]
+        self.sync(key, s, params, pctx)
+
+    def before_bucket(self, ctx: StepContext, params) -> None:
+        seg = [0]
+        for p in params:
+            seg.append(seg[-1] + p.numel())
+        ctx.segments = seg
+        self.params[ctx.key] = (list(params), StepContext(ctx.key, ctx.step, ctx.numel, seg, ctx.names))
+        if ctx.step >= self.warmup_steps:
+            self.init_bucket(ctx.key, flat_params(params))
+        if self.optimizer is None and self.sync_due(ctx.step - 1):
+            self._run_sync(ctx.key, ctx.step - 1)
+
+    def after_optimizer_step(self) -> None:
+        s = self.step - 1
+        if self.sync_due(s):
+            for key in sorted(self.params, key=repr):
+                self._run_sync(key, s)
+
+    def encode(self, grad, ctx: StepContext) -> Exchange:
+        if self.check_finite:
+            self.check_flag(nonfinite_flag(grad), ctx)  # local only: nothing is shared this step
+        return Exchange("none")
+
+    def decode(self, grad, received, ctx):
+        return grad
+
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["synced"] = dict(self._synced)
+        return sd
+
+    def load_state_dict(self, sd):
+        super().load_state_dict(sd)
+        self._synced = dict(sd.get("synced", {}))
+
+
+class QsparseLocalSGD(ModelSync):
+    """Qsparse-local-SGD state. Knobs:
+
+      compressor: QComp, e.g. ``"top_k:ratio=1/64 + qsgd:s=15,scale=0.5"`` or ``"top_k:ratio=1/64 + sign"``.
+      period: H (synchronous) or a list of per-rank H_r (asynchronous); or
+      sync_steps: one list of steps for all ranks, or one list per rank (steps s after whose
+          optimizer step the rank syncs). The gap between a rank's syncs should stay <= H.
+      optimizer: pass it so the sync runs right after optimizer.step() (recommended).
+    """
+
+    algorithm = "qsparse_local_sgd"
+    __slots__ = ("compressor", "period", "sync_steps", "_layouts")
+
+    def __init__(self, comm, compressor="top_k:ratio=1/64 + qsgd:s=15,scale=0.5", *,
+                 period: int | Sequence[int] | None = 8, sync_steps: Sequence | None = None, **kw):
+        self.compressor = get_compressor(compressor)
+        n = comm.world_size
+        if sync_steps is not None:
+            lists = list(sync_steps)
+            if lists and not isinstance(lists[0], (list, tuple, set, frozenset)):
+                lists = [lists] * n
+            if len(lists) != n:
+                raise ValueError(f"Qsparse: sync_steps needs one list per rank ({n}), got {len(lists)}")
+            self.sync_steps = [frozenset(int(s) for s in lst) for lst in lists]
+            self.period = None
+        else:
+            per = [int(period)] * n if isinstance(period, int) else [int(h) for h in period]
+            if len(per) != n or min(per) < 1:
+                raise ValueError(f"Qsparse: period must be an int >= 1 or one per rank ({n} ranks), got {period}")
+            self.period, self.sync_steps = per, None
+        self._layouts: dict = {}
+        super().__init__(comm, **kw)
+
+    def config(self):
+        return {**super().config(), "compressor": self.compressor.spec(), "period": self.period,
+                "sync_steps": None if self.sync_steps is None else [sorted(s) for s in self.sync_steps]}
+
+    def syncs(self, rank: int, s: int) -> bool:
+        if s < self.warmup_steps:
+            return False
+        if self.sync_steps is not None:
+            return s in self.sync_steps[rank]
+        return (s + 1) % self.period[rank] == 0
+
+    def sync_due(self, s: int) -> bool:
+        return any(self.syncs(r, s) for r in range(self.comm.world_size))
+
+    def init_bucket(self, key, flat):
+        self.model_buffer(key, "xbar", flat)
+        self.model_buffer(key, "xhat", flat)
+        self.buffer(key, "m", flat.numel(), flat.device)
+
+    def layout(self, key, numel, device):
+        hit = self._layouts.get((key, numel))
+        if hit is None:  # payload shapes depend on numel only: compress zeros once
+            z = torch.zeros(numel, device=device)
+            hit = self._layouts[(key, numel)] = layout_of(self.compressor.compress(z, self.mask_key(
+                StepContext(key, 0, numel), "q")))
+        return hit
+
+    def sync(self, key, s, params, pctx):
+        t0 = time.perf_counter()
+        n, me = self.comm.world_size, self.comm.rank
+        x = flat_params(params)
+        xbar, xhat, m = (self.buffers[key][k] for k in ("xbar", "xhat", "m"))
+        mk = self.mask_key(pctx, "q", step=s)
+        layout = self.layout(key, x.numel(), x.device)
+        nbytes = 4 + sum(c * torch.empty((), dtype=dt).element_size() for _, dt, c in layout)
+        who = [self.syncs(r, s) for r in range(n)]
+        if who[me]:
+            m.add_(xhat).sub_(x)                                   # p = m + x̂ − x
+            flag = nonfinite_flag(m) if self.check_finite else torch.zeros(1, device=x.device)
+            payload = self.compressor.compress_ef(m, mk, pctx.segments)   # m ← p − QComp(p)
+            buf = pack_payload(payload, flag)
+        else:
+            buf = torch.zeros(1, device=x.device).view(torch.uint8)      # the flag only
+        self.timed(t0)
+        received = self.comm.allgather_v_async(buf, [nbytes if w else 4 for w in who]).wait()
+        t0 = time.perf_counter()
+        acc = torch.zeros_like(xbar)
+        flags = []
+        for r in range(n):
+            if not who[r]:
+                continue
+            payload, f = unpack(received[r].clone(), layout, True)
+            flags.append(f)
+            self.compressor.decompress_add(payload, acc, 1.0 / n, mk, pctx.segments)
+        xbar.sub_(acc)                                             # x̄ ← x̄ − (1/n) Σ_j Δ_j
+        if who[me]:
+            xhat.copy_(xbar)
+            write_params(params, xbar)
+        self.timed(t0)
+        if flags:
+            self.check_flag(torch.stack(flags).sum().view(1), StepContext(key, s, x.numel()))

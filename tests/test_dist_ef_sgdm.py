@@ -1,0 +1,306 @@
+"""dist-EF-SGDM DDP hook on real gloo ranks vs the single-process reference (ALGORITHMS.md §6).
+
+One spawn per world size (W = 2, 4) trains every configuration of :data:`CONFIGS` for 30 steps
+(plain and Nesterov momentum, per-tensor and fixed blocks, weight decay, an lr change, many small
+buckets) and a model with one 1 048 576-element bucket for the wire-size bound. The reference in
+``tests/reference/dist_ef_sgdm.py`` shares no code with the package. This module also holds the
+DDP training driver that ``test_qsparse.py`` and ``test_qprsgd.py`` reuse (:func:`train_configs`).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import ddp_workload as W
+from harness import run_ranks
+from reference.dist_ef_sgdm import chunks_and_blocks, simulate_dist_ef_sgdm
+from reference.runner import layouts_from_record
+
+TOL = 1e-5
+STEPS = W.STEPS
+pytestmark = pytest.mark.timeout(1500)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the driver (runs in the spawned ranks)
+
+def _params(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _big_batch(rank, step):
+    g = torch.Generator().manual_seed(77 + 1000 * rank + step)
+    return torch.randn(16, 1024, generator=g)
+
+
+LSQ_DIM, LSQ_ROWS = 10, 32
+
+
+def lsq_data(rank: int):
+    """Least-squares data of a rank (same x_true everywhere, rank-specific rows and noise)."""
+    x_true = torch.linspace(-1.0, 1.0, LSQ_DIM)
+    g = torch.Generator().manual_seed(4242 + rank)
+    A = torch.randn(LSQ_ROWS, LSQ_DIM, generator=g) + 0.5 * rank
+    return A, A @ x_true + 0.3 * torch.randn(LSQ_ROWS, generator=g)
+
+
+def lr_at(cfg: dict, step: int) -> float:
+    lr = W.LR
+    for s, v in sorted(cfg.get("lr_steps", {}).items()):
+        if step >= s:
+            lr = v
+    return lr
+
+
+def train_one(rank: int, world_size: int, cfg: dict, steps: int) -> dict:
+    """Train ``cfg`` with the package's state/hook named by cfg["state"]/cfg["hook"]."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from cser_hooks import ddp as D
+
+    torch.manual_seed(0)
+    big, lsq = cfg.get("model") == "big", cfg.get("model") == "lsq"
+    if big or lsq:
+        model = nn.Linear(1024, 1024, bias=False) if big else nn.Linear(LSQ_DIM, 1, bias=False)
+    else:
+        model = W.build_model(cfg.get("model_seed", W.MODEL_SEED))
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    kwargs = {} if cfg.get("bucket_cap_mb") is None else {"bucket_cap_mb": cfg["bucket_cap_mb"]}
+    ddp = DDP(model, **kwargs)
+    opt = torch.optim.SGD(model.parameters(), lr=lr_at(cfg, 0), **cfg.get("opt", {}))
+    before_sync: list = []
+    if cfg.get("record", True):  # registered before the state's own post-hook, so it runs first
+        opt.register_step_post_hook(lambda o, a, k: before_sync.append(_params(model)))
+    state = getattr(D, cfg["state"])(optimizer=opt if cfg.get("give_optimizer", True) else None,
+                                     **cfg.get("kw", {}))
+    hook = getattr(D, cfg["hook"])
+    layouts: dict = {}
+    current = [0]
+
+    def recording_hook(st, bucket):
+        layouts.setdefault(current[0], {})[bucket.index()] = [name_of[id(p)] for p in bucket.parameters()]
+        return hook(st, bucket)
+
+    ddp.register_comm_hook(state, recording_hook)
+    out = {"name": cfg["name"], "init": _params(model), "after_step": [], "cum_bytes": []}
+    start = time.perf_counter()
+    for s in range(steps):
+        current[0] = s
+        for grp in opt.param_groups:
+            grp["lr"] = lr_at(cfg, s)
+        opt.zero_grad()
+        if big:
+            ddp(_big_batch(rank, s)).pow(2).mean().backward()
+        elif lsq:
+            A, b = lsq_data(rank)
+            (0.5 * (ddp(A).squeeze(1) - b).pow(2).mean()).backward()
+        else:
+            x, y = W.make_batch(rank, s, cfg.get("data_seed", 0))
+            W.loss_fn(ddp(x), y).backward()
+        opt.step()
+        if s == cfg.get("perturb_after_step"):
+            g = torch.Generator().manual_seed(999 + rank)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn(p.shape, generator=g) * cfg.get("perturb_scale", 0.1))
+        if cfg.get("record", True):
+            out["after_step"].append(_params(model))
+        if s == cfg.get("kw", {}).get("warmup_steps", 1) - 1:  # the state a reference may start from
+            out["momentum_after_warmup"] = {n: opt.state[p]["momentum_buffer"].clone()
+                                            for n, p in model.named_parameters()
+                                            if opt.state.get(p, {}).get("momentum_buffer") is not None}
+        # bytes closed into the stats + bytes of a post-step collective not yet closed
+        out["cum_bytes"].append(state.stats()["bytes_sent_total"] + state.comm.bytes_sent)
+    out["before_sync"] = before_sync  # after each optimizer step, before a model-side sync
+    out["final"] = _params(model)
+    out["layouts"] = {s: [b[i] for i in range(len(b))] for s, b in layouts.items()}
+    out["stats"] = state.stats()
+    out["seconds"] = time.perf_counter() - start
+    out["extra"] = getattr(state, "diagnostics", lambda: None)()
+    return out
+
+
+def train_configs(rank: int, world_size: int, configs: list, steps: int) -> list:
+    return [train_one(rank, world_size, cfg, cfg.get("steps", steps)) for cfg in configs]
+
+
+# One spawn per world size for all three algorithm test files: each registers its configurations at
+# import (collection) time; the first fixture that needs a world size trains every registered suite.
+_SUITES: dict = {}   # suite -> configs(world_size) -> list of configuration dicts
+_SHARED: dict = {}   # world_size -> suite -> {name: (cfg, [rank 0 result, ...])}
+
+
+def register_suite(suite: str, configs) -> None:
+    _SUITES[suite] = configs
+
+
+def run_suite(suite: str, world_size: int, steps: int, timeout: float = 900) -> dict:
+    done = _SHARED.setdefault(world_size, {})
+    if suite not in done:
+        pending = [s for s in _SUITES if s not in done]
+        cfgs = [(s, c) for s in pending for c in _SUITES[s](world_size)]
+        per_rank = run_ranks(train_configs, world_size, [c for _, c in cfgs], steps, timeout=timeout)
+        for s in pending:
+            done[s] = {}
+        for k, (s, c) in enumerate(cfgs):
+            done[s][c["name"]] = (c, [r[k] for r in per_rank])
+    return done[suite]
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert sorted(a) == sorted(b)
+    return max((a[n] - b[n]).abs().max().item() for n in a)
+
+
+def per_step_bytes(r: dict) -> list:
+    c = r["cum_bytes"]
+    return [c[0]] + [c[s] - c[s - 1] for s in range(1, len(c))]
+
+
+# ---------------------------------------------------------------------------------------------------
+# configurations
+
+def _cfg(name, **kw):
+    opt = {"momentum": 0.0, "weight_decay": kw.pop("weight_decay", 0.0)}
+    state_kw = {"momentum": kw.pop("mu", 0.9), "nesterov": kw.pop("nesterov", False),
+                "compressor": kw.pop("compressor", "sign_blockwise"), "warmup_steps": kw.pop("warmup_steps", 1)}
+    return dict(name=name, state="DistEFSGDMState", hook="dist_ef_sgdm_hook", opt=opt, kw=state_kw, **kw)
+
+
+CONFIGS = [
+    _cfg("mom"),
+    _cfg("nesterov", nesterov=True),
+    _cfg("block64_wd", compressor="sign_blockwise:block=64", weight_decay=1e-2),
+    _cfg("lr_change", lr_steps={10: 0.05, 20: 0.02}, warmup_steps=2),
+    _cfg("buckets", bucket_cap_mb=W.TINY_BUCKETS),
+    _cfg("big", model="big", steps=3, record=False),
+]
+CONFIG = {c["name"]: c for c in CONFIGS}
+register_suite("dist_ef_sgdm", lambda ws: CONFIGS)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"W{w}")
+def world(request):
+    ws = request.param
+    return ws, {name: ranks for name, (_, ranks) in run_suite("dist_ef_sgdm", ws, STEPS).items()}
+
+
+def reference_for(cfg, ranks, world_size, rescale_errors=True, from_warmup=True, **override):
+    """The reference's final parameters. ``from_warmup``: start from the real run's model after the
+    warm-up steps (plain allreduce; gloo's 4-rank ring sums in an order no reference mirrors)."""
+    cfg = {**cfg, "kw": {**cfg["kw"], **override.pop("kw", {})}, **override}
+    init = W.init_params()
+    shapes = {n: t.shape for n, t in init.items()}
+    layouts = layouts_from_record(ranks[0]["layouts"], shapes, STEPS)
+    warm = cfg["kw"]["warmup_steps"]
+    start = warm if from_warmup else 0
+    if from_warmup:
+        init = ranks[0]["after_step"][warm - 1]
+    comp = cfg["kw"]["compressor"]
+    block = int(comp.split("block=")[1]) if "block=" in comp else None
+    return simulate_dist_ef_sgdm(init, W.GradOracle(), world_size, STEPS, layouts, lambda s: lr_at(cfg, s),
+                                 cfg["kw"]["momentum"], cfg["kw"]["nesterov"], block,
+                                 cfg["opt"]["weight_decay"], warm, rescale_errors, start=start)
+
+
+MLP = [c["name"] for c in CONFIGS if c.get("model") != "big"]
+
+
+@pytest.mark.parametrize("name", MLP)
+def test_matches_reference(world, name):
+    world_size, runs = world
+    cfg, ranks = CONFIG[name], runs[name]
+    if cfg.get("bucket_cap_mb") is not None:
+        assert len(ranks[0]["layouts"][STEPS - 1]) > 1
+    for from_warmup in ([True, False] if world_size == 2 else [True]):
+        ref = reference_for(cfg, ranks, world_size, from_warmup=from_warmup)
+        diffs = [max_diff(ranks[i]["final"], ref[i]) for i in range(world_size)]
+        assert max(diffs) <= TOL, f"{name}, W={world_size}, {from_warmup=}: max |hook - reference| = {diffs}"
+    moved = max_diff(ranks[0]["final"], ranks[0]["init"])
+    assert moved > 100 * TOL
+    # one update everywhere: replicas identical at every step
+    for s in range(STEPS):
+        for r in ranks[1:]:
+            assert max_diff(r["after_step"][s], ranks[0]["after_step"][s]) == 0.0
+
+
+WRONG = [("mom", dict(kw={"momentum": 0.8})), ("mom", dict(kw={"nesterov": True})),
+         ("block64_wd", dict(opt={"momentum": 0.0, "weight_decay": 0.0})),
+         ("lr_change", dict(rescale_errors=False))]
+
+
+@pytest.mark.parametrize("name,override", WRONG, ids=[f"{n}-{i}" for i, (n, _) in enumerate(WRONG)])
+def test_wrong_reference_is_detected(world, name, override):
+    world_size, runs = world
+    ranks = runs[name]
+    ref = reference_for(CONFIG[name], ranks, world_size, **override)
+    diff = max(max_diff(ranks[i]["final"], ref[i]) for i in range(world_size))
+    assert diff > 100 * TOL, f"{name} with {override}: the reference should differ, max diff {diff}"
+
+
+def formula_bytes(sizes: list, world_size: int, block) -> int:
+    """Σ_r (⌈len_r/8⌉ + 4·blocks_r) to all_to_all + 4 + max_r(...) to allgather (module docstring)."""
+    per = [(hi - lo + 7) // 8 + 4 * (len(cuts) - 1) if hi > lo else 0
+           for lo, hi, cuts in chunks_and_blocks(sizes, world_size, block)]
+    return sum(per) + 4 + max(per)
+
+
+@pytest.mark.parametrize("name", MLP)
+def test_wire_bytes_equal_formula(world, name):
+    world_size, runs = world
+    cfg, r = CONFIG[name], runs[name][0]
+    shapes = {n: t.shape for n, t in r["init"].items()}
+    comp = cfg["kw"]["compressor"]
+    block = int(comp.split("block=")[1]) if "block=" in comp else None
+    dense = sum(t.numel() for t in shapes.values()) * 4
+    got = per_step_bytes(r)
+    for s in range(STEPS):
+        if s < cfg["kw"]["warmup_steps"]:
+            assert got[s] == dense
+        else:
+            want = sum(formula_bytes([shapes[n].numel() for n in names], world_size, block)
+                       for names in r["layouts"][s])
+            assert got[s] == want, f"step {s}: {got[s]} bytes sent, formula {want}"
+            if block is None:  # fixed 64-element blocks add 4/64 byte per element of scales
+                assert got[s] < dense / 16
+
+
+def test_one_million_element_bucket_sends_at_most_a_sixteenth(world):
+    world_size, runs = world
+    r = runs["big"][0]
+    numel = 1024 * 1024
+    assert r["layouts"][2] == [["weight"]]
+    got = per_step_bytes(r)[1:]
+    want = formula_bytes([numel], world_size, None)
+    assert got == [want, want]
+    ratio = want / (4 * numel)
+    assert ratio <= 1 / 16, ratio
+    assert math.isclose(ratio, (1 + 1 / world_size) / 32, rel_tol=1e-3)
+    assert r["stats"]["dense_bytes_last_step"] == 4 * numel
+
+
+def test_optimizer_with_momentum_is_rejected():
+    from cser_hooks.algorithms.dist_ef_sgdm import DistEFSGDM, check_plain_sgd
+
+    p = [nn.Parameter(torch.zeros(3))]
+    with pytest.raises(ValueError, match="momentum=0"):
+        check_plain_sgd(torch.optim.SGD(p, lr=0.1, momentum=0.9))
+    with pytest.raises(ValueError, match="betas"):
+        check_plain_sgd(torch.optim.Adam(p))
+    check_plain_sgd(torch.optim.SGD(p, lr=0.1, weight_decay=1e-4))
+    with pytest.raises(ValueError, match="sign_blockwise"):
+        DistEFSGDM(None, "top_k:ratio=0.1")
+    with pytest.raises(ValueError, match="has momentum of its own"):  # the state checks what it is given
+        DistEFSGDM(None, optimizer=torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True))
