@@ -288,12 +288,23 @@ def test_fp16_overflow_is_clipped_and_the_excess_stays_in_the_residual():
 # --------------------------------------------------------------------------------------------
 # DDP features
 
+class _WithUnused(torch.nn.Module):
+    """The model plus a layer that never takes part in forward (find_unused_parameters=True)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.extra = inner, torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.inner(x)
+
+
 def _features_rank(rank, ws, feature):
     from cser_hooks.ddp import CSERState, EFState, cser_hook, ef_hook
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(feature, torch.float32)
     m = _model(dtype=dtype)
     if feature == "unused":
-        m.extra = torch.nn.Linear(3, 3)  # never used in forward
+        m = _WithUnused(m)
     kwargs = {"bucket_cap_mb": 0.001, "find_unused_parameters": True} if feature == "many_buckets" else {}
     if feature == "unused":
         kwargs["find_unused_parameters"] = True
