@@ -176,7 +176,7 @@ def _presets() -> dict[str, Method]:
 
 
 PRESETS = _presets()
-DEFAULT = ("dense", "fp16", "powersgd", "ef-topk", "ef-sign", "cser-32", "cser-256", "compskip")
+DEFAULT = ("dense", "fp16", "powersgd", "ef-topk", "topk", "ef-sign", "cser-32", "cser-256", "compskip")
 QUICK_DEFAULT = ("dense", "fp16", "powersgd", "cser-32")
 
 _RATIO = r"(\d+(?:/\d+)?|0?\.\d+)"
