@@ -1,0 +1,29 @@
+"""Reusable host scratch for the CPU kernels, so a call allocates nothing but its outputs.
+
+One buffer per (thread, name, dtype), grown geometrically and handed out as views. A caller must
+be done with a view before it asks for the same name again on the same thread (the kernels use
+their scratch only for the duration of one call).
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+
+class HostWorkspace(threading.local):
+    def __init__(self) -> None:
+        self._bufs: dict = {}
+
+    def get(self, name: str, shape, dtype) -> np.ndarray:
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        size = int(np.prod(shape)) if shape else 1
+        key = (name, np.dtype(dtype).str)
+        buf = self._bufs.get(key)
+        if buf is None or buf.size < size:
+            buf = np.empty(max(size, 2 * (0 if buf is None else buf.size), 16), dtype=dtype)
+            self._bufs[key] = buf
+        return buf[:size].reshape(shape)
+
+
+WORKSPACE = HostWorkspace()

@@ -1,0 +1,519 @@
+"""CPU kernels of cser_hooks.kernels against plain-torch references (ALGORITHMS.md §1-2).
+
+The references below are written from the wire-format definitions only (they share no code with
+kernels/); tests/test_kernels_cudasim.py reuses them for the CUDA kernels. Payload bits, levels,
+indices, residuals and decompressed values must match exactly. Scales and norms are fp32 sums whose
+order is the kernel's (vectorised on CPU, tree-shaped on GPU), so on random floats they are held to
+the order-independent bound (m + 2) * 2^-24 relative to float64 (m terms), and the exact checks of
+everything downstream use the kernel's own statistics; on small-integer inputs every partial sum is
+exact in fp32, so there the statistics must equal the reference bit for bit.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numba
+import numpy as np
+import pytest
+import torch
+
+import cser_hooks.kernels as K
+from cser_hooks.kernels import cpu_qsgd, cpu_segments, cpu_sign
+
+SIZES = (1, 7, 1023, 65539)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+U32 = 2.0**-24
+
+
+# ------------------------------------------------------------------------------------------------
+# plain-torch references (also used by test_kernels_cudasim.py)
+def ref_pack(codes: torch.Tensor, nbits: int = 1) -> np.ndarray:
+    """LSB-first packing: bit t of code i goes to global bit i*nbits + t."""
+    c = codes.to(torch.int64).numpy()
+    bits = ((c[:, None] >> np.arange(nbits)) & 1).astype(np.uint8).reshape(-1)
+    return np.packbits(bits, bitorder="little")
+
+
+def ref_segment_ids(offsets: torch.Tensor) -> torch.Tensor:
+    lens = offsets[1:] - offsets[:-1]
+    return torch.repeat_interleave(torch.arange(lens.numel()), lens)
+
+
+def ref_sign_stats(p: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """float64 mean |p| per segment (0 for empty segments)."""
+    lens = offsets[1:] - offsets[:-1]
+    sums = torch.zeros(lens.numel(), dtype=torch.float64).index_add_(0, ref_segment_ids(offsets),
+                                                                      p.double().abs())
+    return torch.where(lens > 0, sums / lens.clamp(min=1).double(), torch.zeros_like(sums))
+
+
+def ref_sign_dense(p: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """C(p) in float32 given the scales: scale_j * (+1 if p >= 0 else -1)."""
+    sc = scales[ref_segment_ids(offsets)]
+    return torch.where(p.float() >= 0, sc, -sc)
+
+
+def ref_qsgd_norms(p: torch.Tensor, block: int) -> torch.Tensor:
+    n = p.numel()
+    ids = torch.arange(n) // block
+    sq = torch.zeros((n + block - 1) // block, dtype=torch.float64).index_add_(0, ids, p.double() ** 2)
+    return sq.sqrt()
+
+
+def ref_qsgd_levels(p: torch.Tensor, u: torch.Tensor, s: int, block: int, norms: torch.Tensor) -> torch.Tensor:
+    """Levels given the (kernel's) fp32 norms, with the definition's fp32 operations."""
+    nrm = norms[torch.arange(p.numel()) // block]
+    sf = torch.tensor(float(s), dtype=torch.float32)
+    r = torch.where(nrm > 0, (sf * p.float().abs()) / nrm, torch.zeros_like(nrm))
+    fl = torch.floor(r)
+    lvl = fl + (u < r - fl).float()
+    return torch.minimum(lvl, sf)
+
+
+def ref_qsgd_dense(p_sign_src: torch.Tensor, levels: torch.Tensor, s: int, block: int,
+                   norms: torch.Tensor) -> torch.Tensor:
+    nrm = norms[torch.arange(levels.numel()) // block]
+    val = (nrm * levels) / torch.tensor(float(s), dtype=torch.float32)
+    return torch.where(p_sign_src >= 0, val, -val)
+
+
+def ref_nbits(s: int) -> int:
+    return next(b for b in (1, 2, 4, 8) if 2**b >= s + 1)
+
+
+def ref_gather(x: torch.Tensor, blocks: torch.Tensor, b: int) -> torch.Tensor:
+    n = x.numel()
+    pad = torch.zeros(((n + b - 1) // b) * b, dtype=x.dtype)
+    pad[:n] = x
+    return pad.view(-1, b)[blocks].reshape(-1)
+
+
+def ref_block_index(blocks: torch.Tensor, b: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions in the tensor, positions in the payload) of the payload elements < n."""
+    pos = (blocks[:, None] * b + torch.arange(b)).reshape(-1)
+    keep = pos < n
+    return pos[keep], torch.arange(pos.numel())[keep]
+
+
+def ref_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k largest |x|, ties to the lower index, indices ascending (stable sort, descending)."""
+    order = torch.sort(x.float().abs(), descending=True, stable=True).indices[:k]
+    idx = torch.sort(order).values
+    return x[idx], idx.to(torch.int32)
+
+
+def random_blocks(n: int, b: int, ratio: float, seed: int) -> torch.Tensor:
+    """The shared-mask draw of the team brief (random_block), from a plain generator."""
+    nblocks = (n + b - 1) // b
+    k = min(nblocks, -(-int(ratio * n) // b) if ratio * n >= 1 else 1)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(nblocks, generator=g)[:k].sort().values
+
+
+def make_offsets(n: int, how: str, seed: int = 0) -> torch.Tensor:
+    """Segment layouts: one block, fixed size, irregular with empty segments, single elements."""
+    g = torch.Generator().manual_seed(seed)
+    if how == "one":
+        return torch.tensor([0, n], dtype=torch.int64)
+    if how == "fixed":
+        b = max(1, min(100, n // 3 or 1))
+        return torch.tensor(list(range(0, n, b)) + [n], dtype=torch.int64)
+    if how == "ones":
+        return torch.arange(n + 1, dtype=torch.int64)
+    cuts = torch.randint(0, n + 1, (max(3, n // 500),), generator=g)
+    cuts = torch.cat([torch.tensor([0, 0, n, n]), cuts, torch.tensor([n // 2, n // 2])])
+    return cuts.sort().values.to(torch.int64)
+
+
+def make_input(n: int, dtype, seed: int, zeros: bool = True, integers: bool = False) -> torch.Tensor:
+    """Random values spanning a few decades (or small integers in [-8, 8], whose fp32 sums of |x|
+    and x^2 are exact in any order for n < 2^18), with +0, -0 and an all-zero stretch."""
+    g = torch.Generator().manual_seed(seed)
+    if integers:
+        x = torch.randint(-8, 9, (n,), generator=g).float()
+    else:
+        x = torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g))
+    if zeros and n > 4:
+        x[1] = 0.0
+        x[3] = -0.0
+        x[n // 2: n // 2 + min(40, n // 3)] = 0.0  # an all-zero stretch (zero scale / norm)
+    return x.to(dtype)
+
+
+def assert_stats(got: torch.Tensor, ref64: torch.Tensor, counts: torch.Tensor) -> None:
+    """fp32 statistics of ``counts`` terms each within (m + 2) u of the float64 reference."""
+    rtol = (counts.double() + 2) * U32
+    err = (got.double() - ref64).abs()
+    worst = float((err / ref64.abs()).nan_to_num().max()) if err.numel() else 0.0
+    assert bool(torch.all(err <= rtol * ref64.abs())), f"max rel err {worst:.3g}"
+
+
+def sign_counts(offsets: torch.Tensor) -> torch.Tensor:
+    return offsets[1:] - offsets[:-1]
+
+
+def block_counts(n: int, block: int) -> torch.Tensor:
+    return (torch.arange(0, n, block) + block).clamp(max=n) - torch.arange(0, n, block)
+
+
+# ------------------------------------------------------------------------------------------------
+# sign_blockwise
+@pytest.mark.parametrize("how", ["one", "fixed", "irregular", "ones"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", SIZES)
+def test_sign_compress_matches_reference(n, dtype, how):
+    p = make_input(n, dtype, seed=n)
+    offsets = make_offsets(n, how, seed=n)
+    nseg = offsets.numel() - 1
+    bits = torch.full(((n + 7) // 8,), 0xAA, dtype=torch.uint8)
+    scales = torch.full((nseg,), float("nan"))
+    res = torch.full((n,), float("nan"))
+    K.sign_compress(p, offsets, bits, scales, res)
+    assert np.array_equal(bits.numpy(), ref_pack(p.float() >= 0))
+    assert_stats(scales, ref_sign_stats(p, offsets), sign_counts(offsets))
+    assert torch.equal(res, p.float() - ref_sign_dense(p, scales, offsets))
+    bits2 = torch.empty_like(bits)
+    scales2 = torch.empty_like(scales)
+    K.sign_compress(p, offsets, bits2, scales2)  # without residual: same payload
+    assert torch.equal(bits2, bits) and torch.equal(scales2, scales)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", SIZES)
+def test_sign_compress_ef_fuses_residual(n, dtype):
+    g = make_input(n, dtype, seed=2 * n)
+    e = make_input(n, torch.float32, seed=3 * n, zeros=False) * 0.1
+    offsets = make_offsets(n, "irregular", seed=n)
+    p = g.float() + e
+    bits = torch.empty((n + 7) // 8, dtype=torch.uint8)
+    scales = torch.empty(offsets.numel() - 1)
+    K.sign_compress_ef(g, e, offsets, bits, scales)
+    assert np.array_equal(bits.numpy(), ref_pack(p >= 0))
+    assert_stats(scales, ref_sign_stats(p, offsets), sign_counts(offsets))
+    assert torch.equal(e, p - ref_sign_dense(p, scales, offsets))
+
+
+@pytest.mark.parametrize("how", ["one", "irregular"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", SIZES)
+def test_statistics_exact_on_small_integers(n, dtype, how):
+    """Sums of |p| and p^2 of small integers are exact in fp32 whatever the order, so the scales
+    (sum / count) and norms (sqrt(sum)) must equal the fp32 reference exactly: this catches an
+    element counted twice or missed, which the rounding bound on random floats would hide."""
+    p = make_input(n, dtype, seed=n + 1, integers=True)
+    offsets = make_offsets(n, how, seed=n)
+    scales = torch.empty(offsets.numel() - 1)
+    K.sign_compress(p, offsets, torch.empty((n + 7) // 8, dtype=torch.uint8), scales)
+    assert torch.equal(scales, ref_sign_stats(p, offsets).float())
+    block = 100
+    norms = torch.empty((n + block - 1) // block)
+    K.qsgd_compress(p, torch.rand(n), 3, block, torch.empty((n + 7) // 8, dtype=torch.uint8),
+                    torch.empty((2 * n + 7) // 8, dtype=torch.uint8), norms)
+    assert torch.equal(norms, ref_qsgd_norms(p, block).float())
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_sign_compress_in_place_residual(n):
+    p = make_input(n, torch.float32, seed=5)
+    offsets = make_offsets(n, "fixed")
+    orig = p.clone()
+    bits = torch.empty((n + 7) // 8, dtype=torch.uint8)
+    scales = torch.empty(offsets.numel() - 1)
+    K.sign_compress(p, offsets, bits, scales, residual_out=p)
+    assert np.array_equal(bits.numpy(), ref_pack(orig >= 0))
+    assert torch.equal(p, orig - ref_sign_dense(orig, scales, offsets))
+
+
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES)
+@pytest.mark.parametrize("n", SIZES)
+def test_sign_decompress_matches_reference(n, out_dtype):
+    p = make_input(n, torch.float32, seed=7)
+    offsets = make_offsets(n, "irregular", seed=1)
+    bits = torch.empty((n + 7) // 8, dtype=torch.uint8)
+    scales = torch.empty(offsets.numel() - 1)
+    K.sign_compress(p, offsets, bits, scales)
+    out = torch.empty(n, dtype=out_dtype)
+    K.sign_decompress(bits, scales, offsets, out)
+    assert torch.equal(out, ref_sign_dense(p, scales, offsets).to(out_dtype))
+
+
+@pytest.mark.parametrize("how", ["fixed", "irregular", "ones", "one"])
+@pytest.mark.parametrize("n", (1023, 65539))
+def test_sign_tiles_cut_by_segments(n, how):
+    """Small tiles (64 elements) make most segments cross tiles: the partial-sum path."""
+    p = make_input(n, torch.bfloat16, seed=11)
+    e = make_input(n, torch.float32, seed=12, zeros=False)
+    offsets = make_offsets(n, how, seed=3)
+    nseg = offsets.numel() - 1
+    tile = 64
+    bits = np.zeros((n + 7) // 8, np.uint8)
+    scales = np.zeros(nseg, np.float32)
+    partial = np.zeros(2 * ((n + tile - 1) // tile), np.float32)
+    e_np = e.numpy().copy()
+    scratch = np.zeros((numba.config.NUMBA_NUM_THREADS, tile), np.uint8)
+    cpu_sign.sign_compress(p.view(torch.int16).numpy(), 2, e_np, True, offsets.numpy(), n, nseg, bits, scales,
+                           partial, scratch, e_np, cpu_sign.RES_INTO_E, tile)
+    pf = p.float() + e
+    sc = torch.from_numpy(scales)
+    assert np.array_equal(bits, ref_pack(pf >= 0))
+    assert_stats(sc, ref_sign_stats(pf, offsets), sign_counts(offsets))
+    assert torch.equal(torch.from_numpy(e_np), pf - ref_sign_dense(pf, sc, offsets))
+
+
+# ------------------------------------------------------------------------------------------------
+# qsgd
+def _qsgd_case(n, dtype, s, block, seed):
+    p = make_input(n, dtype, seed=seed)
+    u = torch.rand(n, generator=torch.Generator().manual_seed(seed + 1))
+    nbits = ref_nbits(s)
+    signs = torch.full(((n + 7) // 8,), 0x55, dtype=torch.uint8)
+    levels = torch.full(((n * nbits + 7) // 8,), 0x55, dtype=torch.uint8)
+    norms = torch.full(((n + block - 1) // block,), float("nan"))
+    return p, u, nbits, signs, levels, norms
+
+
+@pytest.mark.parametrize("s,block", [(1, 7), (3, 64), (15, 1000), (255, 1 << 20), (4, 1)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", SIZES)
+def test_qsgd_compress_matches_reference(n, dtype, s, block):
+    p, u, nbits, signs, levels, norms = _qsgd_case(n, dtype, s, block, seed=n + s)
+    res = torch.full((n,), float("nan"))
+    K.qsgd_compress(p, u, s, block, signs, levels, norms, res)
+    assert_stats(norms, ref_qsgd_norms(p, block), block_counts(n, block))
+    lv = ref_qsgd_levels(p, u, s, block, norms)
+    assert np.array_equal(signs.numpy(), ref_pack(p.float() >= 0))
+    assert np.array_equal(levels.numpy(), ref_pack(lv, nbits))
+    assert torch.equal(res, p.float() - ref_qsgd_dense(p.float(), lv, s, block, norms))
+    out = torch.empty(n)
+    K.qsgd_decompress(signs, levels, norms, s, block, out)
+    assert torch.equal(out, ref_qsgd_dense(p.float(), lv, s, block, norms))
+
+
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES)
+def test_qsgd_decompress_dtypes_and_in_place(out_dtype):
+    n, s, block = 65539, 7, 300
+    p, u, nbits, signs, levels, norms = _qsgd_case(n, torch.float32, s, block, seed=1)
+    orig = p.clone()
+    K.qsgd_compress(p, u, s, block, signs, levels, norms, residual_out=p)
+    lv = ref_qsgd_levels(orig, u, s, block, norms)
+    dense = ref_qsgd_dense(orig, lv, s, block, norms)
+    assert torch.equal(p, orig - dense)
+    out = torch.empty(n, dtype=out_dtype)
+    K.qsgd_decompress(signs, levels, norms, s, block, out)
+    assert torch.equal(out, dense.to(out_dtype))
+
+
+@pytest.mark.parametrize("s", (15, 255))
+@pytest.mark.parametrize("block", (5, 64, 100, 5000))
+def test_qsgd_tiles_cut_by_blocks(block, s):
+    n, tile = 65539, 64
+    p = make_input(n, torch.float16, seed=21)
+    u = torch.rand(n, generator=torch.Generator().manual_seed(2))
+    nbits = ref_nbits(s)
+    signs = np.zeros((n + 7) // 8, np.uint8)
+    levels = np.zeros((n * nbits + 7) // 8, np.uint8)
+    norms = np.zeros((n + block - 1) // block, np.float32)
+    partial = np.zeros(2 * ((n + tile - 1) // tile), np.float32)
+    res = np.zeros(n, np.float32)
+    scratch = np.zeros((numba.config.NUMBA_NUM_THREADS, tile), np.uint8)
+    cpu_qsgd.qsgd_compress(p.view(torch.uint16).numpy(), 1, res, False, u.numpy(), block, n, s, nbits, signs,
+                           levels, norms, partial, scratch, res, cpu_sign.RES_OUT, tile)
+    nr = torch.from_numpy(norms)
+    assert_stats(nr, ref_qsgd_norms(p, block), block_counts(n, block))
+    lv = ref_qsgd_levels(p, u, s, block, nr)
+    assert np.array_equal(levels, ref_pack(lv, nbits))
+    assert np.array_equal(signs, ref_pack(p.float() >= 0))
+    assert torch.equal(torch.from_numpy(res), p.float() - ref_qsgd_dense(p.float(), lv, s, block, nr))
+
+
+def test_qsgd_is_unbiased_statistically():
+    """E[C(p)] = p: the mean of many decompressed draws approaches p (QSGD's defining property)."""
+    n, s, block, draws = 257, 3, 64, 2000
+    p = make_input(n, torch.float32, seed=4, zeros=False)
+    nbits = ref_nbits(s)
+    acc = torch.zeros(n, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    signs = torch.empty((n + 7) // 8, dtype=torch.uint8)
+    levels = torch.empty((n * nbits + 7) // 8, dtype=torch.uint8)
+    norms = torch.empty((n + block - 1) // block)
+    out = torch.empty(n)
+    for _ in range(draws):
+        K.qsgd_compress(p, torch.rand(n, generator=g), s, block, signs, levels, norms)
+        K.qsgd_decompress(signs, levels, norms, s, block, out)
+        acc += out.double()
+    nrm = norms[torch.arange(n) // block].double()
+    sd = nrm / s / 2 / draws**0.5  # per-element std of the mean is at most norm/(2s)/sqrt(draws)
+    assert ((acc / draws - p.double()).abs() <= 5 * sd + 1e-6).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# random_block gather / scatter
+@pytest.mark.parametrize("b", (1, 3, 256))
+@pytest.mark.parametrize("dtype", OUT_DTYPES)
+@pytest.mark.parametrize("n", SIZES)
+def test_block_gather_scatter_match_reference(n, dtype, b):
+    x = make_input(n, dtype, seed=n + b)
+    nblocks = (n + b - 1) // b
+    blocks = random_blocks(n, b, 0.3, seed=b)
+    if nblocks - 1 not in blocks.tolist():  # always include the (possibly short) tail block
+        blocks = torch.cat([blocks[1:], torch.tensor([nblocks - 1])]) if blocks.numel() > 1 else \
+            torch.tensor([nblocks - 1])
+    want = ref_gather(x, blocks, b)
+    out = torch.full((blocks.numel() * b,), 7.0, dtype=dtype)
+    K.block_gather(x, blocks, b, out)
+    assert torch.equal(out, want)
+
+    pos, src = ref_block_index(blocks, b, n)
+    y = x.clone()
+    out2 = torch.empty_like(out)
+    K.block_gather_zero(y, blocks, b, out2)
+    assert torch.equal(out2, want)
+    expect_zeroed = x.clone()
+    expect_zeroed[pos] = 0
+    assert torch.equal(y, expect_zeroed)
+
+    vals = make_input(blocks.numel() * b, dtype, seed=99, zeros=False)
+    base = make_input(n, dtype, seed=98, zeros=False)
+    got = base.clone()
+    K.block_scatter(vals, blocks, b, got)
+    expect = base.clone()
+    expect[pos] = vals[src]
+    assert torch.equal(got, expect)
+
+    got = base.clone()
+    K.block_scatter_add(vals, blocks, b, got)
+    expect = base.clone()
+    expect[pos] = (base[pos].float() + vals[src].float()).to(dtype) if dtype != torch.float64 else \
+        base[pos] + vals[src]
+    assert torch.equal(got, expect)
+
+
+# ------------------------------------------------------------------------------------------------
+# top_k
+def _tied_input(n, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-20, 21, (n,), generator=g).float() / 4  # many exact ties, +0 and -0
+    x[torch.rand(n, generator=g) < 0.1] *= -0.0
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("ties", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES + (torch.float64,))
+@pytest.mark.parametrize("n", SIZES)
+def test_topk_select_matches_reference(n, dtype, ties):
+    x = _tied_input(n, dtype, n) if ties else make_input(n, dtype, seed=n)
+    for k in sorted({1, max(1, n // 64), n // 3, n}):
+        if k == 0:
+            continue
+        values, indices = K.topk_select(x, k)
+        rv, ri = ref_topk(x, k)
+        assert indices.dtype == torch.int32 and values.dtype == dtype
+        assert torch.equal(indices, ri), (k, indices[:10], ri[:10])
+        assert torch.equal(values, rv)
+
+
+def test_topk_nan_counts_as_largest_and_k_zero():
+    x = torch.tensor([1.0, float("nan"), -3.0, float("inf"), 2.0])
+    values, indices = K.topk_select(x, 2)
+    assert indices.tolist() == [1, 3]
+    values, indices = K.topk_select(x, 0)
+    assert values.numel() == 0 and indices.numel() == 0
+
+
+@pytest.mark.parametrize("dtype", OUT_DTYPES)
+def test_scatter_add_indices(dtype):
+    n = 65539
+    x = make_input(n, dtype, seed=3)
+    values, indices = K.topk_select(x, 1000)
+    out = make_input(n, dtype, seed=4, zeros=False)
+    want = out.clone()
+    want[indices.long()] = (want[indices.long()].double() + values.double()).to(dtype) \
+        if dtype == torch.float64 else (want[indices.long()].float() + values.float()).to(dtype)
+    K.scatter_add_indices(values, indices, out)
+    assert torch.equal(out, want)
+
+
+# ------------------------------------------------------------------------------------------------
+# bit fields
+@pytest.mark.parametrize("nbits", (1, 2, 4, 8))
+@pytest.mark.parametrize("n", SIZES + (0,))
+def test_pack_unpack_codes(n, nbits):
+    codes = torch.randint(0, 2**nbits, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+    packed = torch.full(((n * nbits + 7) // 8,), 0xFF, dtype=torch.uint8)
+    K.pack_codes(codes, nbits, packed)
+    assert np.array_equal(packed.numpy(), ref_pack(codes, nbits))
+    assert torch.equal(K.unpack_codes(packed, nbits, n), codes)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_pack_unpack_bits(n):
+    flags = torch.rand(n, generator=torch.Generator().manual_seed(n)) < 0.5
+    packed = torch.empty((n + 7) // 8, dtype=torch.uint8)
+    K.pack_bits(flags, packed)
+    assert np.array_equal(packed.numpy(), np.packbits(flags.numpy(), bitorder="little"))
+    assert torch.equal(K.unpack_bits(packed, n), flags)
+
+
+# ------------------------------------------------------------------------------------------------
+# 16-bit conversions used by every kernel
+def test_half_conversions_are_exact_and_round_to_nearest_even():
+    """All 65536 half / bfloat16 bit patterns to float32 and back, plus float32 rounding cases."""
+    ops = cpu_segments.OPS
+    allbits = torch.arange(65536, dtype=torch.int32).to(torch.int16)
+    for dtype, to_f32, from_f32 in ((torch.float16, "f16_bits_to_f32", "f32_to_f16_bits"),
+                                    (torch.bfloat16, "bf16_bits_to_f32", "f32_to_bf16_bits")):
+        ref = allbits.view(dtype).float()
+        got = torch.tensor([ops[to_f32](np.int16(b)) for b in allbits.tolist()], dtype=torch.float32)
+        assert torch.equal(got.view(torch.int32), ref.view(torch.int32)) or (
+            torch.equal(got.isnan(), ref.isnan()) and torch.equal(got[~got.isnan()], ref[~ref.isnan()]))
+        f = torch.cat([torch.randn(20000) * 10.0 ** torch.randint(-9, 6, (20000,)).float(),
+                       torch.tensor([65504.0, 65519.0, 65520.0, 6e-8, 3e-8, 2.98e-8, 1e-45, -0.0, 0.0,
+                                     float("inf"), -float("inf"), 3.4e38])])
+        want = f.to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
+        got = torch.tensor([ops[from_f32](np.float32(v)) for v in f.tolist()], dtype=torch.int64)
+        assert torch.equal(got, want)
+
+
+# ------------------------------------------------------------------------------------------------
+# dispatch and argument checks
+def test_backend_selection_without_a_gpu():
+    assert K.backend_for(torch.zeros(3)) == "cpu"
+    assert K.backend_for_device(torch.device("cpu")) == "cpu"
+    assert K.backend_for_device(torch.device("cuda")) == "cuda"
+    assert K.backend_for_device(torch.device("cuda", 1)) == "cuda"
+    with pytest.raises(ValueError, match="no kernels for device"):
+        K.backend_for_device(torch.device("meta"))
+    with pytest.raises(ValueError, match="different devices"):
+        K.backend_for(torch.zeros(1), torch.zeros(1, device="meta"))
+
+
+def test_cpu_path_never_imports_numba_cuda():
+    code = ("import sys, torch; import cser_hooks.kernels as K\n"
+            "p = torch.randn(100); b = torch.empty(13, dtype=torch.uint8); s = torch.empty(1)\n"
+            "K.sign_compress(p, torch.tensor([0, 100]), b, s)\n"
+            "K.topk_select(p, 5)\n"
+            "assert 'numba.cuda' not in sys.modules, sorted(m for m in sys.modules if 'cuda' in m)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_bad_arguments_name_the_fix():
+    p = torch.randn(10)
+    bits = torch.empty(2, dtype=torch.uint8)
+    scales = torch.empty(1)
+    with pytest.raises(TypeError, match="float"):
+        K.sign_compress(p.to(torch.int32), torch.tensor([0, 10]), bits, scales)
+    with pytest.raises(ValueError, match="must have 2 elements"):
+        K.sign_compress(p, torch.tensor([0, 10]), torch.empty(3, dtype=torch.uint8), scales)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        K.sign_compress(p, torch.tensor([0, 11]), bits, scales)
+    with pytest.raises(ValueError, match="contiguous"):
+        K.sign_compress(torch.randn(20)[::2], torch.tensor([0, 10]), bits, scales)
+    with pytest.raises(ValueError, match=r"s must be an int in \[1, 255\]"):
+        K.qsgd_level_bits(0)
+    with pytest.raises(TypeError, match="allocate it with dtype"):
+        K.block_gather(p, torch.tensor([0]), 4, torch.empty(4, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"k must be an int in \[0, numel=10\]"):
+        K.topk_select(p, 11)
