@@ -143,7 +143,10 @@ def attach_compression(model: DDP, method: str, opt: torch.optim.Optimizer, args
 
 
 def log(tag: str, record: dict) -> None:
-    print(f"{tag} {json.dumps(record, sort_keys=True)}", flush=True)
+    # one write per line: with PYTHONUNBUFFERED=1, print() writes text and newline separately and the
+    # ranks' lines interleave on the shared pipe
+    sys.stdout.write(f"{tag} {json.dumps(record, sort_keys=True)}\n")
+    sys.stdout.flush()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
