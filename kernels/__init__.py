@@ -18,9 +18,17 @@ Wire formats (exact, shared by both backends and by the plain-torch references i
 * ``topk_select``: the k largest |x| (ties to the lower index), indices ascending (int32).
 
 Statistics (scales, norms) are fp32 sums whose order differs between backends and from torch, so
-they agree with a reference to a few ulps; given the statistics, everything else is bit-exact.
-Inputs to the compress kernels may be float32, float16 or bfloat16 (arithmetic in float32);
-decompressed outputs may also be float64. Outputs are preallocated by the caller.
+they agree with a reference within the fp32 rounding bound; given the statistics, everything else
+is bit-exact. Inputs to the compress kernels may be float32, float16 or bfloat16 (arithmetic in
+float32); decompressed outputs may also be float64. Outputs are preallocated by the caller; the
+kernels allocate nothing else per call (CPU scratch comes from ``_workspace.py``, CUDA scratch from
+torch's caching allocator). ``residual_out`` may be the input itself (in place) or a separate tensor.
+
+CPU notes: calls are serialised by a lock (Numba's parallel layers are not all re-entrant) and run
+single-threaded below ``SERIAL_BELOW`` elements. torch and Numba use two OpenMP runtimes whose idle
+threads spin by default; on few cores set ``OMP_WAIT_POLICY=PASSIVE`` (scripts/bench_kernels.py
+does). The GNU OpenMP layer is not fork-safe: use the "spawn" start method in processes that have
+run a CPU kernel (torch.multiprocessing / DDP launchers do).
 """
 from __future__ import annotations
 

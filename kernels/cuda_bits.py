@@ -6,9 +6,8 @@ thread per element.
 from __future__ import annotations
 
 import numpy as np
-from numba import cuda
 
-from .cuda_launch import grid_for
+from .cuda_launch import cuda, grid_for
 
 
 @cuda.jit

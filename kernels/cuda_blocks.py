@@ -7,9 +7,8 @@ no atomics. Indices outside the tensor read as 0 and are not written.
 from __future__ import annotations
 
 import numpy as np
-from numba import cuda
 
-from .cuda_launch import grid_for
+from .cuda_launch import cuda, grid_for
 from .cuda_segments import load_f32, store_f32
 
 

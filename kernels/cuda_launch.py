@@ -11,10 +11,32 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from numba import cuda
+from numba import cuda as _numba_cuda
 
 #: True when numba.cuda is the simulator (the decision is made when numba.cuda is first imported)
 SIMULATOR = int(os.environ.get("NUMBA_ENABLE_CUDASIM", "0") or 0) != 0
+
+
+class _SimulatorCuda:
+    """``numba.cuda`` as the kernel modules see it in the simulator.
+
+    The simulator wraps every device function in a per-module lock (it swaps the module's ``cuda``
+    global for the launch's fake module on each call). With one Python thread per CUDA thread, the
+    threads of a block then queue on that lock once per helper call and the GIL hands it over in
+    5 ms slices: a 64 K-element test took minutes. Here device functions stay plain Python (see
+    :func:`devfn`) and this proxy resolves ``cuda.threadIdx``, ``cuda.syncthreads``,
+    ``cuda.shared.array``, ... to the running launch's fake module, which is what the swap did.
+    """
+
+    def __getattr__(self, name):
+        from numba.cuda.simulator import kernel as sim_kernel
+
+        ctx = sim_kernel._kernel_context
+        return getattr(ctx if ctx is not None else _numba_cuda, name)
+
+
+#: the module kernels use: ``numba.cuda`` on a GPU / for PTX, a lock-free proxy in the simulator
+cuda = _SimulatorCuda() if SIMULATOR else _numba_cuda
 
 #: threads per block of every kernel (shared arrays are sized for it); the simulator's tests
 #: launch with fewer threads, which the kernels accept (any power of two from 32 to TPB).
@@ -24,7 +46,7 @@ TPB = 256
 def devfn(fn):
     """Compile ``fn`` as a CUDA device function, inlined where the real compiler is used."""
     if SIMULATOR:
-        return cuda.jit(device=True)(fn)
+        return fn  # plain Python: the simulator's device-function wrapper serializes threads
     return cuda.jit(device=True, forceinline=True)(fn)
 
 

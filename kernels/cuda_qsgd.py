@@ -8,9 +8,9 @@ A thread owns an 8-element group: its sign byte and its ``L`` level bytes.
 from __future__ import annotations
 
 import numpy as np
-from numba import cuda, float32
+from numba import float32
 
-from .cuda_launch import devfn, grid_for
+from .cuda_launch import cuda, devfn, grid_for
 from .cuda_segments import TILE, finalize_kernel, load_p, qsgd_level, store_f32, tile_regions, tile_stats, visit_range
 from .cuda_sign import sign_byte
 

@@ -11,10 +11,10 @@ the kernels runnable in Numba's CUDA simulator.
 """
 from __future__ import annotations
 
-from numba import cuda, float32, int32, int64
+from numba import float32, int32, int64
 
 from ._scalar import make_scalar_ops
-from .cuda_launch import TPB, devfn
+from .cuda_launch import TPB, cuda, devfn
 
 OPS = make_scalar_ops(devfn)
 load_f32 = OPS["load_f32"]

@@ -13,9 +13,8 @@ or happens in the same thread.
 from __future__ import annotations
 
 import numpy as np
-from numba import cuda
 
-from .cuda_launch import devfn, grid_for
+from .cuda_launch import cuda, devfn, grid_for
 from .cuda_segments import (
     TILE,
     finalize_kernel,

@@ -15,10 +15,10 @@ ascending). No host synchronisation: the select state lives on the device.
 from __future__ import annotations
 
 import numpy as np
-from numba import cuda, int32, int64
+from numba import int32, int64
 
 from .cpu_topk import HIST, digit_passes
-from .cuda_launch import TPB, devfn, grid_for
+from .cuda_launch import TPB, cuda, devfn, grid_for
 from .cuda_segments import abs_key
 
 #: consecutive elements per thread in a compaction round

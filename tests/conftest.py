@@ -172,6 +172,18 @@ def run_ptxas(ptx: str, arch: str = "sm_90", workdir: Path | None = None) -> Ptx
                        text=text)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one intra-op thread for a module whose references run tiny ops beside real ranks:
+    more threads only fight the rank processes for this machine's 2 cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def ptxas(tmp_path):
     """``ptxas(ptx_text, arch="sm_90") -> PtxasReport`` (registers, spill_stores, spill_loads, ...)."""

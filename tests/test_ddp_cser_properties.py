@@ -17,16 +17,7 @@ import ddp_workload as W
 from reference import Layout, World, simulate_cser_hookform, simulate_cser_paper, simulate_ef
 from reference.masks import random_block_mask
 
-pytestmark = pytest.mark.timeout(600)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The references run tiny ops; intra-op threads only fight the ranks for the 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"W{w}")

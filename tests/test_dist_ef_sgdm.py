@@ -22,7 +22,7 @@ from reference.runner import layouts_from_record
 
 TOL = 1e-5
 STEPS = W.STEPS
-pytestmark = pytest.mark.timeout(1500)
+pytestmark = [pytest.mark.timeout(1500), pytest.mark.usefixtures("one_thread")]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -181,14 +181,6 @@ CONFIGS = [
 ]
 CONFIG = {c["name"]: c for c in CONFIGS}
 register_suite("dist_ef_sgdm", lambda ws: CONFIGS)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"W{w}")

@@ -26,18 +26,10 @@ import ddp_workload as W
 from hvd_harness import run_horovod
 from hvd_scripts import hvd_frontend_job as J
 
-pytestmark = [pytest.mark.horovod, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.horovod, pytest.mark.timeout(1200), pytest.mark.usefixtures("one_thread")]
 
 TOL = 1e-5
 FLAG_BYTES = 4  # the fp32 non-finite flag that travels with every compressed payload
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 _JOBS: dict = {}

@@ -24,7 +24,7 @@ from test_dist_ef_sgdm import max_diff, per_step_bytes, register_suite, run_suit
 TOL = 1e-5
 STEPS = W.STEPS
 Q = "qsgd:s=15,block=64"
-pytestmark = pytest.mark.timeout(1500)
+pytestmark = [pytest.mark.timeout(1500), pytest.mark.usefixtures("one_thread")]
 
 
 def _cfg(name, mode, period, momentum=0.0, gamma=1.0, **kw):
@@ -47,14 +47,6 @@ CONFIGS = [
 CONFIG = {c["name"]: c for c in CONFIGS}
 TRAINED = [c["name"] for c in CONFIGS if not c["name"].startswith("gossip_consensus")]
 register_suite("qprsgd", lambda ws: CONFIGS)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"W{w}")

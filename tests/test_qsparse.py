@@ -21,7 +21,7 @@ from test_dist_ef_sgdm import LSQ_DIM, lr_at, lsq_data, max_diff, per_step_bytes
 
 TOL = 1e-5
 STEPS = W.STEPS
-pytestmark = pytest.mark.timeout(1500)
+pytestmark = [pytest.mark.timeout(1500), pytest.mark.usefixtures("one_thread")]
 QSGD = "top_k:ratio=1/16 + qsgd:s=15,block=64,scale=0.5"
 SIGN = "top_k:ratio=1/16 + sign"
 LSQ_STEPS = 300
@@ -61,14 +61,6 @@ def configs(ws: int) -> list:
 NAMES = [c["name"] for c in configs(2)]
 MLP = [n for n in NAMES if n != "async_lsq"]
 register_suite("qsparse", configs)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"W{w}")

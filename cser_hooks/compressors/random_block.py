@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from .. import kernels
 from .base import Compressor, MaskKey, check_input
 
 
@@ -72,12 +73,22 @@ class BlockMask:
             t = self._dev[device] = self.full_sel.to(device, non_blocking=True)
         return t
 
+    def all_on(self, device: torch.device) -> torch.Tensor:
+        """All selected block indices (tail block included) on ``device``, for the CUDA kernels."""
+        t = self._dev.get(("all", device))
+        if t is None:
+            t = self._dev[("all", device)] = self.blocks.to(device, non_blocking=True)
+        return t
+
     def gather(self, x: torch.Tensor, out: torch.Tensor | None = None, zero_source: bool = False) -> torch.Tensor:
         """out[j*b:(j+1)*b] = x[block j]; with ``zero_source`` those x entries are then set to 0."""
         b, nf = self.block, self.full_sel.numel()
         if out is None:
             out = torch.empty(self.k * b, dtype=x.dtype, device=x.device)
-        idx = self.full_on(x.device)
+        if x.is_cuda:  # FAST PATH on GPU: one kernel gathers (and zeroes) every block, tail included
+            (kernels.block_gather_zero if zero_source else kernels.block_gather)(x, self.all_on(x.device), b, out)
+            return out
+        idx = self.full_on(x.device)  # CPU: index_select over [nfull, b] rows runs at copy speed
         full = x[: self.nfull * b].view(self.nfull, b)
         torch.index_select(full, 0, idx, out=out[: nf * b].view(nf, b))
         if self.tail_sel:
@@ -93,6 +104,9 @@ class BlockMask:
     def scatter(self, values: torch.Tensor, out: torch.Tensor, add: bool = False) -> torch.Tensor:
         """Write (or add) the payload back into its blocks of ``out``; other entries untouched."""
         b, nf = self.block, self.full_sel.numel()
+        if out.is_cuda and values.dtype == out.dtype:  # FAST PATH on GPU: one kernel, tail included
+            (kernels.block_scatter_add if add else kernels.block_scatter)(values, self.all_on(out.device), b, out)
+            return out
         idx = self.full_on(out.device)
         full = out[: self.nfull * b].view(self.nfull, b)
         src = values[: nf * b].view(nf, b)

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .. import kernels
 from .base import Compressor, check_input
 from .bits import pack_codes, packed_nbytes, unpack_codes
 
@@ -60,13 +61,15 @@ class SignBlockwise(Compressor):
     def spec(self):
         return "sign_blockwise" + (f":block={self.block}" if self.block else "")
 
-    def offsets(self, numel, segments, device) -> tuple[list[int], torch.Tensor]:
+    def offsets(self, numel, segments, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block boundaries [0, ..., numel], block lengths) as int64 tensors on ``device``, cached
+        per (numel, segments, device) so the hot path allocates nothing for them."""
         key = (numel, tuple(segments) if segments is not None and self.block is None else None, device)
         hit = self._offs_cache.get(key)
         if hit is None:
             offs = block_offsets(numel, self.block, segments)
-            lengths = torch.tensor([b - a for a, b in zip(offs, offs[1:])], dtype=torch.int64, device=device)
-            hit = self._offs_cache[key] = (offs, lengths)
+            bounds = torch.tensor(offs, dtype=torch.int64, device=device)
+            hit = self._offs_cache[key] = (bounds, bounds.diff())
         return hit
 
     def delta(self, numel):
@@ -75,25 +78,42 @@ class SignBlockwise(Compressor):
 
     def compress(self, x, mk, segments=None):
         check_input(x, self.name)
-        offs, lengths = self.offsets(x.numel(), segments, x.device)
-        # FAST PATH (kernels.sign_compress)
-        if self.block is not None and x.numel() % self.block == 0:
-            scales = x.view(-1, self.block).abs().sum(1, dtype=torch.float32).div_(self.block)
-        else:
-            # an empty block (numel == 0) gets scale 0, not 0/0 (as kernels/__init__.py specifies)
-            scales = torch.segment_reduce(x.abs().float(), "sum", lengths=lengths).div_(lengths.clamp(min=1))
-        bits = pack_codes((x >= 0).to(torch.int32), 1)
+        bounds, lengths = self.offsets(x.numel(), segments, x.device)
+        if x.numel() == 0:
+            return torch.zeros(0, dtype=torch.uint8, device=x.device), torch.zeros(lengths.numel(), device=x.device)
+        # FAST PATH (kernels.sign_compress, Numba CPU / CUDA): one pass for the scales, one for the bits.
+        # float64 goes in as float32: the statistics are fp32 sums anyway.
+        bits, scales = self._outputs(x.numel(), lengths.numel(), x.device)
+        kernels.sign_compress(x.float() if x.dtype == torch.float64 else x, bounds, bits, scales)
         return bits, scales
+
+    def compress_ef(self, p, mk, segments=None):
+        """Fused error feedback (ALGORITHMS.md §2): payload of p and p <- p - C(p) in the same kernel
+        passes (fp32 p; other dtypes take the two-step default)."""
+        check_input(p, self.name)
+        if p.dtype != torch.float32 or p.numel() == 0 or not p.is_contiguous():
+            return super().compress_ef(p, mk, segments)
+        bounds, lengths = self.offsets(p.numel(), segments, p.device)
+        bits, scales = self._outputs(p.numel(), lengths.numel(), p.device)
+        kernels.sign_compress(p, bounds, bits, scales, residual_out=p)
+        return bits, scales
+
+    @staticmethod
+    def _outputs(numel, nblocks, device):
+        # fresh tensors: the payload is handed to an asynchronous collective that may still hold the last one
+        return (torch.empty(packed_nbytes(numel, 1), dtype=torch.uint8, device=device),
+                torch.empty(nblocks, dtype=torch.float32, device=device))
 
     def decompress(self, payload, numel, dtype, mk, segments=None, out=None):
         bits, scales = payload
-        offs, lengths = self.offsets(numel, segments, bits.device)
-        # FAST PATH (kernels.sign_decompress)
-        sgn = unpack_codes(bits, 1, numel).to(torch.float32).mul_(2).sub_(1)
-        res = sgn.mul_(torch.repeat_interleave(scales, lengths, output_size=numel))
-        if out is None:
-            return res.to(dtype)
-        return out.copy_(res)
+        bounds, lengths = self.offsets(numel, segments, bits.device)
+        if out is not None and not (out.dim() == 1 and out.is_contiguous() and out.numel() == numel):
+            raise ValueError(f"{self.name}: out must be a contiguous 1-D tensor of {numel} elements")
+        target = torch.empty(numel, dtype=dtype, device=bits.device) if out is None else out
+        if numel:
+            # FAST PATH (kernels.sign_decompress): writes any float dtype directly (round to nearest even)
+            kernels.sign_decompress(bits, scales, bounds, target)
+        return target
 
     def wire_bytes(self, numel, dtype=torch.float32, segments=None):
         return packed_nbytes(numel, 1) + 4 * (len(block_offsets(numel, self.block, segments)) - 1)

@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from .. import kernels
 from .base import Compressor, check_input
 
 
@@ -44,7 +45,10 @@ class TopK(Compressor):
     def compress(self, x, mk, segments=None):
         check_input(x, self.name)
         k = self.k(x.numel())
-        # FAST PATH: torch.topk on |x| (kernels.topk_select on CUDA); ties are measure-zero for real gradients
+        # FAST PATH (kernels.topk_select): exact radix select on the bits of |x| (NaN ranks first), ties to
+        # the lower index, indices ascending; Numba CPU / CUDA (float64: the plain torch selection below)
+        if x.dtype != torch.float64:
+            return kernels.topk_select(x, k)
         a = x.abs().nan_to_num_(nan=float("inf"))  # NaN ranks first, as in torch.topk
         if k == 0:
             idx = torch.zeros(0, dtype=torch.int64, device=x.device)
