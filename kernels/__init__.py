@@ -25,10 +25,11 @@ kernels allocate nothing else per call (CPU scratch comes from ``_workspace.py``
 torch's caching allocator). ``residual_out`` may be the input itself (in place) or a separate tensor.
 
 CPU notes: calls are serialised by a lock (Numba's parallel layers are not all re-entrant) and run
-single-threaded below ``SERIAL_BELOW`` elements. torch and Numba use two OpenMP runtimes whose idle
-threads spin by default; on few cores set ``OMP_WAIT_POLICY=PASSIVE`` (scripts/bench_kernels.py
-does). The GNU OpenMP layer is not fork-safe: use the "spawn" start method in processes that have
-run a CPU kernel (torch.multiprocessing / DDP launchers do).
+single-threaded below ``SERIAL_BELOW`` elements. Numba's OpenMP layer shares torch's OpenMP runtime,
+whose idle threads spin by default (set ``OMP_WAIT_POLICY=PASSIVE`` before importing torch when
+several processes share few cores); starting Numba's pool leaves torch's thread count as it was
+(:func:`_start_cpu_pool`). The GNU OpenMP layer is not fork-safe: use the "spawn" start method in
+processes that have run a CPU kernel (torch.multiprocessing / DDP launchers do).
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ __all__ = [
     "backend_for", "backend_for_device", "sign_compress", "sign_compress_ef", "sign_decompress", "qsgd_level_bits",
     "qsgd_compress", "qsgd_decompress", "block_gather", "block_gather_zero", "block_scatter",
     "block_scatter_add", "topk_select", "scatter_add_indices", "pack_bits", "unpack_bits",
-    "pack_codes", "unpack_codes",
+    "pack_codes", "unpack_codes", "warm_up",
 ]
 
 # Numba's parallel CPU kernels are not all safe to enter from several threads at once (the
@@ -54,6 +55,32 @@ _CPU_LOCK = threading.RLock()
 SERIAL_BELOW = 1 << 17
 
 
+_POOL_STARTED = False
+
+
+def _start_cpu_pool() -> None:
+    """Start Numba's CPU thread pool once per process, keeping torch's thread count.
+
+    Numba's OpenMP layer shares torch's OpenMP runtime (one ``libgomp.so.1`` per process), and
+    starting the pool sets that runtime's thread count for the calling thread: a DDP worker that
+    called ``torch.set_num_threads(1)`` would run torch on every core afterwards (measured here: 4
+    workers on 2 cores then trained 8x slower, every method, until the processes ended). The count
+    is put back. OpenMP threads also spin for a while after each parallel region unless
+    ``OMP_WAIT_POLICY=PASSIVE`` is set before torch is imported (the benchmark's workers set it).
+    """
+    global _POOL_STARTED
+    if _POOL_STARTED:
+        return
+    from numba.np.ufunc import parallel
+
+    torch_threads = torch.get_num_threads()
+    try:
+        parallel._launch_threads()
+    finally:
+        torch.set_num_threads(torch_threads)
+    _POOL_STARTED = True
+
+
 class _cpu_run:
     """Context of a CPU kernel call on ``n`` elements: the lock, and one thread for small inputs."""
 
@@ -62,6 +89,7 @@ class _cpu_run:
 
     def __enter__(self):
         _CPU_LOCK.acquire()
+        _start_cpu_pool()
         self.saved = None
         if self.n < SERIAL_BELOW:
             import numba
@@ -463,6 +491,7 @@ def topk_select(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         from ._workspace import WORKSPACE
 
         ct = _mod("cpu_topk")
+        _start_cpu_pool()
         nw = max(1, min(4 * numba.get_num_threads(), (n + 65535) // 65536))
         hist = WORKSPACE.get("topk_hist", (nw, ct.HIST), "int64")
         cnt = WORKSPACE.get("topk_cnt", (nw, 2), "int64")
@@ -560,3 +589,24 @@ def unpack_bits(bits: torch.Tensor, n: int, out: torch.Tensor | None = None) -> 
     _codes(who, "unpack_codes", "unpack_codes", bits, 1, n, raw_view(out))
     return out
 
+
+
+def warm_up() -> None:
+    """Load every CPU kernel the compressors use (from Numba's on-disk cache, or compile it) on a tiny
+    input, so the first training step does not pay it (about 1 s per process here). Optional: the
+    first call of each kernel does the same."""
+    n, s, block = 64, 15, 16
+    x = torch.linspace(-1.0, 1.0, n)
+    bounds = torch.tensor([0, 7, n])
+    bits = torch.empty((n + 7) // 8, dtype=torch.uint8)
+    scales = torch.empty(2)
+    out = torch.empty(n)
+    sign_compress(x, bounds, bits, scales)
+    sign_compress(x.clone(), bounds, bits, scales, residual_out=out)
+    sign_decompress(bits, scales, bounds, out)
+    levels = torch.empty((n * qsgd_level_bits(s) + 7) // 8, dtype=torch.uint8)
+    norms = torch.empty(n // block)
+    qsgd_compress(x, torch.rand(n), s, block, bits, levels, norms)
+    qsgd_decompress(bits, levels, norms, s, block, out)
+    values, idx = topk_select(x, 5)
+    scatter_add_indices(values, idx, out)

@@ -111,6 +111,22 @@ def test_summary_and_self_check_catch_malformed_output(tmp_path):
     assert any("not a PNG" in p for p in report.validate(tmp_path, ["a"]))
 
 
+def test_time_to_target_comparisons():
+    rows = [{"method": "dense", "status": "ok", "time_to_target": 200.0},
+            {"method": "powersgd", "status": "ok", "time_to_target": 50.0},
+            {"method": "cser-32", "status": "ok", "time_to_target": 40.0},
+            {"method": "slow", "status": "ok", "time_to_target": 80.0},
+            {"method": "never", "status": "ok", "time_to_target": None},
+            report.failed("broken", "d", "boom", False)]
+    lines = report.speedups(rows)
+    assert lines == ["- `powersgd`: 4.00x shorter than dense",
+                     "- `cser-32`: 5.00x shorter than dense; 1.25x shorter than powersgd",
+                     "- `slow`: 2.50x shorter than dense; behind powersgd by 1.60x (30.0 s)",
+                     "- `never`: target not reached (dense reached it in 200.0 s); target not reached "
+                     "(powersgd reached it in 50.0 s)"]
+    assert report.speedups([r for r in rows if r["method"] != "dense"])[0].startswith("- `cser-32`: 1.25x")
+
+
 def test_method_registry():
     for name, m in methods.PRESETS.items():
         assert m.name == name and callable(m.make) and m.summary

@@ -17,6 +17,7 @@ from cser_hooks.compressors import MaskKey, get_compressor
 from cser_hooks.compressors import qsgd as qsgd_mod
 from cser_hooks.compressors import sign as sign_mod
 from cser_hooks.compressors import top_k as topk_mod
+from cser_hooks.compressors.top_k import TopK
 
 ENTRY_POINTS = ("sign_compress", "sign_decompress", "qsgd_compress", "qsgd_decompress", "topk_select",
                 "block_gather", "block_gather_zero", "block_scatter", "block_scatter_add")
@@ -26,8 +27,9 @@ CPU_ROUTES = [
     ("sign_blockwise", "compress", {"sign_compress"}),
     ("sign_blockwise", "compress_ef", {"sign_compress"}),        # fused: residual written by the kernel
     ("sign_blockwise", "decompress", {"sign_decompress"}),
-    ("top_k:ratio=0.05", "compress", {"topk_select"}),
+    ("top_k:ratio=0.05", "compress", {"topk_select"}),            # at >= TopK.KERNEL_MIN elements
     ("top_k:ratio=0.05", "compress_ef", {"topk_select"}),
+    ("top_k:ratio=0.05@small", "compress", set()),                # below: torch's selection
     ("qsgd:s=15,block=64", "compress", set()),                    # torch on CPU (see qsgd.py)
     ("qsgd:s=15,block=64", "decompress", {"qsgd_decompress"}),
     ("random_block:ratio=1/8,block=16", "compress", set()),       # index_select on CPU
@@ -69,8 +71,10 @@ def run_op(c, op, x, mk):
 
 @pytest.mark.parametrize("spec,op,expected", CPU_ROUTES, ids=[f"{s.split(':')[0]}-{o}" for s, o, _ in CPU_ROUTES])
 def test_cpu_tensors_take_the_cpu_kernels(calls, spec, op, expected):
+    spec, small = spec.removesuffix("@small"), spec.endswith("@small")
     c = get_compressor(spec)
-    x = torch.randn(4099, generator=torch.Generator().manual_seed(0))
+    n = TopK.KERNEL_MIN - 1 if small else TopK.KERNEL_MIN if spec.startswith("top_k") else 4099
+    x = torch.randn(n, generator=torch.Generator().manual_seed(0))
     mk = MaskKey(seed=1, step=2, key=3)
     if op == "decompress":
         payload = c.compress(x, mk)
@@ -100,9 +104,10 @@ def test_routed_results_equal_the_references():
     assert torch.equal(p, x - dense)
 
     t = get_compressor("top_k:ratio=0.01")
-    values, idx = t.compress(x, MaskKey())
-    rv, ri = topk_mod.reference_topk(x, t.k(x.numel()))
-    assert torch.equal(idx, ri) and torch.equal(values, rv)
+    for big in (x, torch.randn(TopK.KERNEL_MIN + 5, generator=g)):
+        values, idx = t.compress(big, MaskKey())
+        rv, ri = topk_mod.reference_topk(big, t.k(big.numel()))
+        assert torch.equal(idx, ri) and torch.equal(values, rv)
 
     q = get_compressor("qsgd:s=7,block=300")
     payload = q.compress(x, MaskKey(seed=3))
@@ -117,6 +122,7 @@ def test_cuda_tensors_take_the_cuda_kernels(calls, spec, op, expected):
     """On a GPU: sign, top_k, qsgd (both ways) and random_block all run CUDA kernels, and agree with the
     CPU path (bitwise for sign bits, top_k, random_block; qsgd levels may differ where r + u is within an
     ulp of an integer, so its payload is compared through the decompressed values)."""
+    spec = spec.removesuffix("@small")
     c_gpu, c_cpu = get_compressor(spec), get_compressor(spec)
     x = torch.randn(1 << 16, generator=torch.Generator().manual_seed(0))
     mk = MaskKey(seed=1, step=2, key=3)

@@ -10,6 +10,7 @@ exact in fp32, so there the statistics must equal the reference bit for bit.
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -487,6 +488,17 @@ def test_backend_selection_without_a_gpu():
         K.backend_for_device(torch.device("meta"))
     with pytest.raises(ValueError, match="different devices"):
         K.backend_for(torch.zeros(1), torch.zeros(1, device="meta"))
+
+
+def test_starting_the_cpu_pool_keeps_torchs_thread_count():
+    """Numba's OpenMP pool shares torch's runtime; starting it must not undo torch.set_num_threads(1)
+    (a DDP worker would then run torch on every core: 8x slower training, measured)."""
+    code = ("import torch; torch.set_num_threads(1); import cser_hooks.kernels as K\n"
+            "K.topk_select(torch.randn(1 << 18), 10); K.warm_up()\n"
+            "assert torch.get_num_threads() == 1, torch.get_num_threads()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240,
+                          env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_cpu_path_never_imports_numba_cuda():

