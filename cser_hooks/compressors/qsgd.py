@@ -98,8 +98,9 @@ class QSGD(Compressor):
             norms = torch.empty(math.ceil(n / b), dtype=torch.float32, device=x.device)
             kernels.qsgd_compress(x.float() if x.dtype == torch.float64 else x, u, s, b, signs, levels, norms)
             return signs, levels, norms
-        # CPU: vectorized torch over padded blocks (kernels.qsgd_compress's CPU twin reaches only a quarter
-        # of copy bandwidth here, see the README's kernel table, and torch's norm is what the references use)
+        # CPU: vectorized torch over padded blocks (kernels.qsgd_compress's CPU twin reaches 0.37 of copy_
+        # bandwidth here, below the uniforms' own cost; see the README's kernel table), with torch's norm,
+        # the one the reference simulations use
         nb = math.ceil(n / b)
         xf = x.float()
         if n % b:
