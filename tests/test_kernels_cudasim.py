@@ -252,14 +252,17 @@ def _tied(n, dtype, seed):
 CASES_TOPK = [(1, torch.float32, False, (1,)), (7, torch.float32, True, (1, 3, 7)),
               (1023, torch.float32, True, (1, 20, 1023)), (1023, torch.float32, False, (20,)),
               (1023, torch.float16, True, (20,)), (1023, torch.bfloat16, True, (300,)),
-              (1023, torch.bfloat16, False, (20,)), (4099, torch.float32, True, (81,))]
+              (1023, torch.bfloat16, False, (20,)), (4099, torch.float32, True, (81,)),
+              (65539, torch.float32, False, (64,))]
 
 
 @pytest.mark.parametrize("n,dtype,ties,ks", CASES_TOPK)
 def test_topk_kernels(kmods, n, dtype, ties, ks):
     x = _tied(n, dtype, n) if ties else make_input(n, dtype, seed=n)
+    # the largest size runs with bigger chunks (fewer simulated blocks; still 5 chunks)
+    chunk, items = (16384, 16) if n > 4099 else (1024, 4)
     for k in ks:
-        values, indices = run_topk(kmods, x, k)
+        values, indices = run_topk(kmods, x, k, chunk=chunk, items=items)
         rv, ri = ref_topk(x, k)
         assert torch.equal(indices, ri)
         assert torch.equal(values, rv)
