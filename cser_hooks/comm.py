@@ -1,11 +1,11 @@
-"""The one place that issues collectives (ARCHITECTURE.md: communicator).
+"""The one place that issues collectives (docs/architecture.md: communicator).
 
 Algorithms talk to a :class:`Communicator`; the DDP front end gives them a
 :class:`TorchDistCommunicator` over a ``torch.distributed`` process group, the Horovod front end a
 Horovod one. Every tensor handed to a collective is counted here (``bytes_sent``), so the byte
 accounting is the payload actually given to the network layer, not an estimate.
 
-Ordering rule (ALGORITHMS.md §8): collectives are *launched* only from the hook call itself (or a
+Ordering rule (docs/algorithms.md §8): collectives are *launched* only from the hook call itself (or a
 post-optimizer-step callback), never from a Future callback, so every rank issues them in the same
 order whatever the completion order of earlier work. Callbacks only do local math.
 """

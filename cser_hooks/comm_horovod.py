@@ -1,4 +1,4 @@
-"""Collectives over Horovod (ARCHITECTURE.md: the Horovod backend of ``comm.py``).
+"""Collectives over Horovod (docs/architecture.md: the Horovod backend of ``comm.py``).
 
 :class:`HorovodCommunicator` is the :class:`~cser_hooks.comm.Communicator` the Horovod front end
 (``cser_hooks.horovod``) gives the algorithms. It serves what the algorithms launch themselves
@@ -9,7 +9,7 @@ agreement); the gradient allreduce of the ``compression=`` classes is issued by 
 Horovod matches collectives across ranks by *name*, not by call order. Every collective gets the
 name ``cser_hooks.<scope>.<op><n>``: ``scope`` is set by the front end around a piece of work
 (:meth:`named`, e.g. the parameter name) and ``n`` counts the collectives issued inside it, so the
-names are equal on every rank as long as each rank does the same work (ALGORITHMS.md §8) and they
+names are equal on every rank as long as each rank does the same work (docs/algorithms.md §8) and they
 repeat from step to step (Horovod's response cache can reuse them).
 
 Horovod handles are wrapped in :class:`HorovodFuture`, a lazy stand-in for ``torch.futures.Future``

@@ -6,7 +6,7 @@
 
 The adapter is thin: it turns a ``GradBucket`` into (key = ``bucket.index()``, the flat gradient,
 the parameter offsets), runs warm-up / agreement / the algorithm's ``encode``, launches the one
-collective from the hook call itself (ALGORITHMS.md §8: never from a Future callback, so ranks
+collective from the hook call itself (docs/algorithms.md §8: never from a Future callback, so ranks
 cannot interleave buckets differently on gloo), and decodes in the Future's callback (local math
 only). The step counter advances on ``bucket.is_last()``.
 """
@@ -97,19 +97,19 @@ class CompSkipState(CompSkip):
 
 
 def ef_hook(state: EFState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """Error-feedback comm hook (ALGORITHMS.md §2)."""
+    """Error-feedback comm hook (docs/algorithms.md §2)."""
     _checked(state, ErrorFeedback, "ef_hook")
     return run_hook(state, bucket)
 
 
 def cser_hook(state: CSERState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """CSER comm hook (ALGORITHMS.md §3): partial gradient sync; resets via the optimizer post-hook."""
+    """CSER comm hook (docs/algorithms.md §3): partial gradient sync; resets via the optimizer post-hook."""
     _checked(state, CSER, "cser_hook")
     return run_hook(state, bucket)
 
 
 def compskip_hook(state: CompSkipState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """CompSkip comm hook (ALGORITHMS.md §5)."""
+    """CompSkip comm hook (docs/algorithms.md §5)."""
     _checked(state, CompSkip, "compskip_hook")
     return run_hook(state, bucket)
 
@@ -124,7 +124,7 @@ class DistEFSGDMState(DistEFSGDM):
 
 
 def dist_ef_sgdm_hook(state: DistEFSGDMState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """dist-EF-SGDM comm hook (ALGORITHMS.md §6): momentum + two-way 1-bit error feedback; plain SGD outside."""
+    """dist-EF-SGDM comm hook (docs/algorithms.md §6): momentum + two-way 1-bit error feedback; plain SGD outside."""
     _checked(state, DistEFSGDM, "dist_ef_sgdm_hook")
     return run_hook(state, bucket)
 
@@ -139,7 +139,7 @@ class QsparseLocalSGDState(QsparseLocalSGD):
 
 
 def qsparse_local_sgd_hook(state: QsparseLocalSGDState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """Qsparse-local-SGD comm hook (ALGORITHMS.md §7): local steps; syncs via the optimizer post-hook."""
+    """Qsparse-local-SGD comm hook (docs/algorithms.md §7): local steps; syncs via the optimizer post-hook."""
     _checked(state, QsparseLocalSGD, "qsparse_local_sgd_hook")
     return run_hook(state, bucket)
 
@@ -154,6 +154,6 @@ class QPRSGDState(QPRSGD):
 
 
 def qprsgd_hook(state: QPRSGDState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """QPRSGD comm hook (ALGORITHMS.md §4): local steps; quantized rounds via the optimizer post-hook."""
+    """QPRSGD comm hook (docs/algorithms.md §4): local steps; quantized rounds via the optimizer post-hook."""
     _checked(state, QPRSGD, "qprsgd_hook")
     return run_hook(state, bucket)

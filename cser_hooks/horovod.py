@@ -9,15 +9,15 @@ a bare tensor, horovod#3312)::
 
 Classes for ``compression=`` (shared-mask or cast compressors: Horovod *averages* what ``compress``
 returns, which is only correct when every rank's payload holds the same coordinates,
-ALGORITHMS.md §1):
+docs/algorithms.md §1):
 
 * :class:`FP16`, :class:`BF16` casts (stateless; fp16 clipped to ±65504 and pre-divided by the
   world size so the sum cannot overflow).
 * :class:`RandomBlock`, :class:`RandomK`: avg_j C(g_j) with a shared-seed mask; only the selected
   values travel, indices never do.
-* :class:`EF`: error feedback (ALGORITHMS.md §2) over a shared-mask compressor.
+* :class:`EF`: error feedback (docs/algorithms.md §2) over a shared-mask compressor.
 * :class:`CSER`: partial gradient sync through the compressed allreduce + error reset as model-block
-  averaging after ``optimizer.step()`` (ALGORITHMS.md §3).
+  averaging after ``optimizer.step()`` (docs/algorithms.md §3).
 
 Non-linear compressors (top_k, sign_blockwise, qsgd, compose) cannot be averaged by an allreduce:
 :class:`AllgatherEF` / :class:`AllgatherCSER` run the same algorithms through ``hvd.allgather``
@@ -101,7 +101,7 @@ def _refuse_elastic(who: str) -> None:
 class _CastCompression:
     """Horovod compression: clip, divide by the world size, cast; Horovod averages; upcast, multiply back.
 
-    fp16: dividing before the cast keeps the fp16 sum of n ranks within ±65504 (ALGORITHMS.md §1, the fp16
+    fp16: dividing before the cast keeps the fp16 sum of n ranks within ±65504 (docs/algorithms.md §1, the fp16
     overflow policy of ``compressors.cast``). Horovod then divides the sum by n again, so averages
     smaller than about n·6e-5 in magnitude fall into fp16's subnormal range and lose relative
     precision (gradients scaled by AMP's loss scale are far above it). bf16 has fp32's range and is
@@ -380,7 +380,7 @@ def _register_matching_hook(state, optimizer, kind: str, method):
 
 
 class _SharedMaskAverage(AlgorithmState):
-    """ĝ = avg_j C(g_j) for a shared-mask C, no residual (ALGORITHMS.md §1: one allreduce of the selected
+    """ĝ = avg_j C(g_j) for a shared-mask C, no residual (docs/algorithms.md §1: one allreduce of the selected
     values; plain compressed SGD). Built from ``exchange`` and ``decode_average`` like EF."""
 
     algorithm = "compressed_average"
@@ -439,7 +439,7 @@ class RandomK(RandomBlock):
 
 
 class EF(_HorovodFrontEnd, ErrorFeedback):
-    """Error feedback (ALGORITHMS.md §2) as a Horovod compression; see
+    """Error feedback (docs/algorithms.md §2) as a Horovod compression; see
     :class:`~cser_hooks.algorithms.ef.ErrorFeedback` for the knobs.
 
     ``compressor`` must be shared-mask (random_block, random_k; identity/fp16 also work); for top_k,
@@ -458,7 +458,7 @@ class EF(_HorovodFrontEnd, ErrorFeedback):
 
 
 class CSER(_HorovodFrontEnd, _CSERAlgorithm):
-    """CSER (ALGORITHMS.md §3) as a Horovod compression; see :class:`~cser_hooks.algorithms.cser.CSER`.
+    """CSER (docs/algorithms.md §3) as a Horovod compression; see :class:`~cser_hooks.algorithms.cser.CSER`.
 
     The gradient part goes through Horovod's allreduce of the C1-selected values; the error reset
     averages the C2-selected blocks of the parameters with Horovod allreduces, right after
@@ -596,7 +596,7 @@ class AllgatherEF(_AllgatherFrontEnd, ErrorFeedback):
 
 
 class AllgatherCSER(_AllgatherFrontEnd, _CSERAlgorithm):
-    """CSER with any C1 (non-linear ones through hvd.allgather, r_i tracked explicitly; ALGORITHMS.md §3);
+    """CSER with any C1 (non-linear ones through hvd.allgather, r_i tracked explicitly; docs/algorithms.md §3);
     the reset (shared-mask C2) averages parameter blocks right after ``optimizer.step()``. Usage as
     :class:`AllgatherEF`."""
 

@@ -1,4 +1,4 @@
-"""What every algorithm's state shares (ARCHITECTURE.md: state.py).
+"""What every algorithm's state shares (docs/architecture.md: state.py).
 
 Per-key tensors (key = DDP bucket index or Horovod tensor name), the step counter, warm-up, the
 cross-rank configuration agreement check, the non-finite guard, counters for ``stats()`` and
@@ -68,7 +68,7 @@ class AlgorithmState:
     __slots__ = ("comm", "seed", "warmup_steps", "check_finite", "step", "buffers", "optimizer",
                  "_agreed", "_loaded", "_pending_flag", "_bytes_total", "_bytes_last", "_dense_last",
                  "_dense_acc", "_dense_total", "_steps_counted", "_compress_seconds", "_comm_seconds",
-                 "_hook_handle", "param_names", "_per_tensor", "seg_cache", "__weakref__")
+                 "_hook_handle", "param_names", "_per_tensor", "seg_cache", "_lr_of", "__weakref__")
 
     def __init__(self, comm: Communicator, *, seed: int = 0, warmup_steps: int = 1, optimizer=None,
                  check_finite: bool = True, named_parameters=None):
@@ -87,11 +87,12 @@ class AlgorithmState:
         self._steps_counted = 0
         self._compress_seconds = self._comm_seconds = 0.0
         self._hook_handle = None
-        # per-tensor mode: masks keyed by parameter name (ALGORITHMS.md §3 last paragraph; makes the
+        # per-tensor mode: masks keyed by parameter name (docs/algorithms.md §3 last paragraph; makes the
         # DDP and Horovod front ends select the same coordinates)
         self.param_names = None if named_parameters is None else {id(p): n for n, p in named_parameters}
         self._per_tensor = {}
         self.seg_cache: dict[Any, list] = {}  # key -> element offsets of its tensors (front end fills it)
+        self._lr_of: dict[Any, float] = {}  # key -> lr of its last compressed step (saved: resume rescales right)
         self.optimizer = None
         if optimizer is not None:
             self.attach_optimizer(optimizer)
@@ -169,6 +170,28 @@ class AlgorithmState:
                              f"its buckets later.")
         return t
 
+    def rescale_on_lr_change(self, key, names) -> None:
+        """e ← e · η_{t−1}/η_t for the per-key tensors ``names`` when the optimizer's lr changed since
+        this key's last call (dist-EF-SGDM's correction, Zheng et al. 2019, Alg. 2 and §4).
+
+        Residuals are kept in gradient units: the unsent part would have been applied with the old
+        rate, so rescaling keeps η·e, the model-space error, unchanged. Called from ``encode`` (the
+        hook call, never a Future callback), so the lr read is the one of the step being computed.
+        Needs the optimizer; without it a constant lr is assumed. The last lr per key is saved by
+        :meth:`state_dict`, so the first lr change after a resume is rescaled too.
+        """
+        if self.optimizer is None:
+            return
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        last = self._lr_of.get(key)
+        self._lr_of[key] = lr
+        if last is None or lr == last or lr == 0:
+            return
+        for n in names:
+            t = self.buffers.get(key, {}).get(n)
+            if t is not None:
+                t.mul_(last / lr)
+
     # -- the algorithm ---------------------------------------------------------------------
     def encode(self, grad: torch.Tensor, ctx: StepContext) -> Exchange:
         raise NotImplementedError
@@ -240,7 +263,7 @@ class AlgorithmState:
             for n, t in v.items():
                 bufs.setdefault(k, {}).setdefault(n, t)
         return {"format": 1, "config": self.config(), "rank": self.comm.rank, "step": self.step,
-                "buffers": bufs}
+                "buffers": bufs, "lr_of": dict(self._lr_of)}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output of the same rank; sizes are checked at first use."""
@@ -259,6 +282,7 @@ class AlgorithmState:
             raise ValueError(f"cser_hooks: checkpoint was saved by rank {sd.get('rank')}, this is rank "
                              f"{self.comm.rank}; each rank must load its own state_dict.")
         self.step = int(sd["step"])
+        self._lr_of = dict(sd.get("lr_of", {}))
         self.buffers = {}
         self._loaded = {k: dict(v) for k, v in sd["buffers"].items()}
         self._agreed = False

@@ -1,4 +1,4 @@
-"""Compute kernels of the compressors (ALGORITHMS.md §1-2), dispatched by device.
+"""Compute kernels of the compressors (docs/algorithms.md §1-2), dispatched by device.
 
 CPU tensors run Numba ``njit(parallel=True, cache=True)`` kernels (``cpu_*.py``); CUDA tensors run
 Numba CUDA kernels (``cuda_*.py``) on torch's current stream, reading and writing the tensors in
@@ -17,12 +17,14 @@ Wire formats (exact, shared by both backends and by the plain-torch references i
 * ``block_*``: sorted block indices of size b; payload k*b elements, past-the-end zero-padded.
 * ``topk_select``: the k largest |x| (ties to the lower index), indices ascending (int32).
 
-Statistics (scales, norms) are fp32 sums whose order differs between backends and from torch, so
-they agree with a reference within the fp32 rounding bound; given the statistics, everything else
-is bit-exact. Inputs to the compress kernels may be float32, float16 or bfloat16 (arithmetic in
-float32); decompressed outputs may also be float64. Outputs are preallocated by the caller; the
-kernels allocate nothing else per call (CPU scratch comes from ``_workspace.py``, CUDA scratch from
-torch's caching allocator). ``residual_out`` may be the input itself (in place) or a separate tensor.
+Statistics (scales, norms) are float64 sums, rounded to fp32 once: their summation order differs
+between backends, vector widths (AVX2, AVX-512) and torch, but the rounded statistic equals a float64
+reference's except when the exact sum lies within ~n·2^-53 of an fp32 rounding boundary; given
+the statistics, everything else is bit-exact. Inputs to the compress kernels may be float32,
+float16 or bfloat16 (arithmetic in float32); decompressed outputs may also be float64. Outputs are
+preallocated by the caller; the kernels allocate nothing else per call (CPU scratch comes from
+``_workspace.py``, CUDA scratch from torch's caching allocator). ``residual_out`` may be the input
+itself (in place) or a separate tensor.
 
 CPU notes: calls are serialised by a lock (Numba's parallel layers are not all re-entrant) and run
 single-threaded below ``SERIAL_BELOW`` elements. Numba's OpenMP layer shares torch's OpenMP runtime,
@@ -164,7 +166,7 @@ def _np(t: torch.Tensor):
 def _ntiles_partial(n: int, tile: int):
     from ._workspace import WORKSPACE
 
-    return WORKSPACE.get("partial", 2 * ((n + tile - 1) // tile), "float32")
+    return WORKSPACE.get("partial", 2 * ((n + tile - 1) // tile), "float64")
 
 
 def _thread_scratch(tile: int):
@@ -262,13 +264,13 @@ def sign_compress(p: torch.Tensor, offsets: torch.Tensor, bits_out: torch.Tensor
                   residual_out: torch.Tensor | None = None) -> None:
     """sign_blockwise compress of flat ``p`` (f32/f16/bf16) into ``bits_out`` (uint8[ceil(n/8)]) and
     ``scales_out`` (f32[nblocks]); if ``residual_out`` (f32[n], may be ``p`` itself when p is f32)
-    is given, also write ``p - C(p)`` there in the same passes (ALGORITHMS.md §1, §2)."""
+    is given, also write ``p - C(p)`` there in the same passes (docs/algorithms.md §1, §2)."""
     _sign_impl("sign_compress", p, None, offsets, bits_out, scales_out, residual_out)
 
 
 def sign_compress_ef(g: torch.Tensor, e: torch.Tensor, offsets: torch.Tensor, bits_out: torch.Tensor,
                      scales_out: torch.Tensor) -> None:
-    """Fused error feedback (ALGORITHMS.md §2): p = g + e; compress p; e <- p - C(p) in place."""
+    """Fused error feedback (docs/algorithms.md §2): p = g + e; compress p; e <- p - C(p) in place."""
     _sign_impl("sign_compress_ef", g, e, offsets, bits_out, scales_out, e)
 
 

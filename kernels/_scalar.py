@@ -4,7 +4,8 @@ The helpers are written once as plain Python and compiled for each target by
 :func:`make_scalar_ops`, which takes the target's decorator (``numba.njit`` or
 ``numba.cuda.jit(device=True)``). In the CUDA simulator they run as ordinary Python on NumPy
 scalars, so every operation here is written to mean the same in NumPy and in Numba: explicit
-``np.int64`` / ``np.float32`` casts, no integer overflow, no float64 intermediates.
+``np.int64`` / ``np.float32`` casts, no integer overflow, no float64 intermediates except the
+block statistics' accumulators (:func:`finish_stat`), which are float64 on every target.
 
 Dtype *kinds* (how a tensor reaches a kernel; see ``kernels/_views.py``):
 
@@ -15,7 +16,7 @@ Dtype *kinds* (how a tensor reaches a kernel; see ``kernels/_views.py``):
 has bfloat16, and the simulator is plain NumPy; the conversions below are exact (to float32) and
 round to nearest even (from float32), matching ``torch.Tensor.to``.
 
-Segments (ALGORITHMS.md §1, sign_blockwise and qsgd blocks): segment ``j`` is
+Segments (docs/algorithms.md §1, sign_blockwise and qsgd blocks): segment ``j`` is
 ``[offs[j], offs[j+1])`` when ``bsz == 0``, else ``[j*bsz, min((j+1)*bsz, n))``.
 """
 from __future__ import annotations
@@ -165,11 +166,12 @@ def make_scalar_ops(jit):
 
     @jit
     def finish_stat(acc, length, power):
-        """Block statistic from its fp32 accumulator: mean |p| (power 1) or L2 norm (power 2)."""
+        """Block statistic from its float64 accumulator, rounded to float32 once: mean |p| (power 1:
+        the division in float64) or L2 norm (power 2: the square root in float64)."""
         if length == 0:
             return np.float32(0.0)
         if power == 1:
-            return np.float32(acc / np.float32(length))
+            return np.float32(np.float64(acc) / np.float64(length))
         return np.float32(math.sqrt(np.float64(acc)))
 
     @jit

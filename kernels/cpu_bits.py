@@ -1,4 +1,4 @@
-"""CPU (Numba) packing of flags and L-bit codes (ALGORITHMS.md §1 wire formats).
+"""CPU (Numba) packing of flags and L-bit codes (docs/algorithms.md §1 wire formats).
 
 Element i of a bit field goes to byte i//8, bit i%8 (LSB first, as numpy.packbits(bitorder=
 "little")); an L-bit code (L in {1, 2, 4, 8}) of element i starts at bit i*L. Pad bits are 0.

@@ -1,4 +1,4 @@
-"""CPU (Numba) gather / scatter of selected blocks (ALGORITHMS.md §1, random_block / random_k).
+"""CPU (Numba) gather / scatter of selected blocks (docs/algorithms.md §1, random_block / random_k).
 
 ``blocks`` holds sorted block indices, block size ``b``; the payload has ``k*b`` elements, block j
 of the payload is ``x[blocks[j]*b : blocks[j]*b + b]`` with positions past ``numel`` read as 0 (a

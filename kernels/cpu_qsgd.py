@@ -1,4 +1,4 @@
-"""CPU (Numba) kernels of qsgd(s) (ALGORITHMS.md §1) with optional fused residual (§2).
+"""CPU (Numba) kernels of qsgd(s) (docs/algorithms.md §1) with optional fused residual (§2).
 
 Blocks of ``bsz`` elements (the last may be short), norm_j = ||p_B||_2 in fp32.
 r = s*|p|/norm (0 if norm == 0); level = min(s, floor(r) + (u < r - floor(r))), u supplied by the

@@ -1,12 +1,15 @@
-"""CPU (Numba) per-segment statistics for sign_blockwise and qsgd (ALGORITHMS.md §1).
+"""CPU (Numba) per-segment statistics for sign_blockwise and qsgd (docs/algorithms.md §1).
 
 The flat tensor is cut into tiles of ``TILE`` elements (a multiple of 8, so no two tiles share an
 output byte) processed in parallel. A tile sums |p| (or p²) over each piece of a segment it holds.
 Segments entirely inside the tile get their statistic at once; a segment crossing tile boundaries
 leaves one partial per tile in a slot of ``partial`` (2 per tile: slot 2t for the piece that enters
 tile t from the left, 2t+1 for the piece that leaves it to the right), and :func:`finalize` adds
-them in tile order. Everything is deterministic for a given build; accumulation is fp32 (the
-vectorised loop reorders the additions, so compare statistics to a reference with a tolerance).
+them in tile order. Accumulation is float64 and the statistic is rounded to float32 once at the
+end (:func:`finish_stat`): the vectorised loop reorders the additions by the host's vector width
+(AVX2, AVX-512, ...), and with 53-bit sums of 24-bit values that order changes the rounded fp32
+statistic only when the exact sum lies within ~n·2^-53 of an fp32 rounding boundary. So the scales
+and norms are the same on every instruction set and equal to a float64 reference in practice.
 """
 from __future__ import annotations
 
@@ -32,41 +35,41 @@ TILE = 16384
 
 @njit(fastmath={"reassoc"}, cache=True)
 def _sum_abs(gs, gkind):
-    acc = np.float32(0.0)
+    acc = np.float64(0.0)
     for i in range(gs.size):
-        acc += abs(load_f32(gs, i, gkind))
+        acc += abs(np.float64(load_f32(gs, i, gkind)))
     return acc
 
 
 @njit(fastmath={"reassoc"}, cache=True)
 def _sum_abs_e(gs, gkind, es):
-    acc = np.float32(0.0)
+    acc = np.float64(0.0)
     for i in range(gs.size):
-        acc += abs(load_f32(gs, i, gkind) + es[i])
+        acc += abs(np.float64(load_f32(gs, i, gkind) + es[i]))
     return acc
 
 
 @njit(fastmath={"reassoc"}, cache=True)
 def _sum_sq(gs, gkind):
-    acc = np.float32(0.0)
+    acc = np.float64(0.0)
     for i in range(gs.size):
-        v = load_f32(gs, i, gkind)
+        v = np.float64(load_f32(gs, i, gkind))
         acc += v * v
     return acc
 
 
 @njit(fastmath={"reassoc"}, cache=True)
 def _sum_sq_e(gs, gkind, es):
-    acc = np.float32(0.0)
+    acc = np.float64(0.0)
     for i in range(gs.size):
-        v = load_f32(gs, i, gkind) + es[i]
+        v = np.float64(load_f32(gs, i, gkind) + es[i])
         acc += v * v
     return acc
 
 
 @njit(cache=True)
 def piece_sum(g, gkind, e, has_e, a, b, power):
-    """fp32 sum over [a, b) of |p| (power 1) or p*p (power 2), p = g (+ e).
+    """float64 sum over [a, b) of |p| (power 1) or p*p (power 2), p = g (+ e) formed in fp32.
 
     Hot loops run over slices indexed from 0 (here and in the other cpu_* kernels), each variant in
     its own small function: Numba then drops its negative-index handling and LLVM vectorises them
@@ -88,7 +91,7 @@ def tile_sums(g, gkind, e, has_e, offs, bsz, n, jf, jl, lo, hi, t, power, stat, 
         s1 = seg_start(offs, bsz, n, j + 1)
         a = max(s0, lo)
         b = min(s1, hi)
-        acc = np.float32(0.0)
+        acc = np.float64(0.0)
         if b > a:
             acc = piece_sum(g, gkind, e, has_e, a, b, power)
         if s0 < lo:

@@ -1,4 +1,4 @@
-"""CPU (Numba) kernels of sign_blockwise (ALGORITHMS.md §1) with fused error feedback (§2).
+"""CPU (Numba) kernels of sign_blockwise (docs/algorithms.md §1) with fused error feedback (§2).
 
 Wire format: bit i of the payload (byte i//8, bit i%8, LSB first) is 1 iff p_i >= 0 (so 0 and -0.0
 give +1); one fp32 scale per segment, mean |p| over the segment. Decompress: scale * (+1 | -1).

@@ -1,4 +1,4 @@
-"""CPU (Numba) exact top-k by magnitude through a radix select (ALGORITHMS.md §1, top_k).
+"""CPU (Numba) exact top-k by magnitude through a radix select (docs/algorithms.md §1, top_k).
 
 The key of x_i is the bit pattern of |x_i| (31 bits for float32, 15 for float16 / bfloat16), which
 orders like |x_i| (NaN above inf). Histogram passes over digits of the key, from the top, find the

@@ -1,4 +1,4 @@
-"""CUDA packing of flags and L-bit codes (wire formats of ALGORITHMS.md §1; see ``cpu_bits.py``).
+"""CUDA packing of flags and L-bit codes (wire formats of docs/algorithms.md §1; see ``cpu_bits.py``).
 
 Packing: one thread per output byte (it reads the 8 // L codes of that byte). Unpacking: one
 thread per element.

@@ -1,4 +1,4 @@
-"""CUDA gather / scatter of selected blocks (ALGORITHMS.md §1, random_block / random_k).
+"""CUDA gather / scatter of selected blocks (docs/algorithms.md §1, random_block / random_k).
 
 Semantics as in ``cpu_blocks.py``; one thread per payload element (grid-stride), so loads and
 stores of a block are coalesced. ``blocks`` are distinct (sorted) block indices, so scatters need

@@ -94,7 +94,8 @@ class TorchAlloc:
 def _torch_dtypes():
     import torch
 
-    return {np.dtype(np.float32).str: torch.float32, np.dtype(np.int64).str: torch.int64,
+    return {np.dtype(np.float32).str: torch.float32, np.dtype(np.float64).str: torch.float64,
+            np.dtype(np.int64).str: torch.int64,
             np.dtype(np.int32).str: torch.int32, np.dtype(np.uint8).str: torch.uint8}
 
 

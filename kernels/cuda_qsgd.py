@@ -1,4 +1,4 @@
-"""CUDA kernels of qsgd(s) (ALGORITHMS.md §1) with optional fused residual (§2).
+"""CUDA kernels of qsgd(s) (docs/algorithms.md §1) with optional fused residual (§2).
 
 Wire format and arithmetic as in ``cpu_qsgd.py``; launch structure as in ``cuda_sign.py``:
 ``qsgd_tile`` (norms, sign bytes, levels + residual of the resolved region), ``finalize_kernel``
@@ -94,7 +94,7 @@ def qsgd_compress(g, gkind, e, has_e, u, bsz, n, s, nbits, signs, levels, norms,
     sf = np.float32(s)
     if dummy is None:
         dummy = alloc.empty(1, np.int64)
-    partial = alloc.empty(2 * ntiles, np.float32)
+    partial = alloc.empty(2 * ntiles, np.float64)
     qsgd_tile[ntiles, tpb, stream](g, gkind, e, has_e, u, dummy, bsz, n, nseg, tile, sf, nbits, signs, levels,
                                    norms, partial, res, has_res)
     if ntiles > 1:

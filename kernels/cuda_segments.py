@@ -1,4 +1,4 @@
-"""CUDA per-segment statistics for sign_blockwise and qsgd (ALGORITHMS.md §1).
+"""CUDA per-segment statistics for sign_blockwise and qsgd (docs/algorithms.md §1).
 
 Same decomposition as ``cpu_segments.py``: one thread block per tile of ``tile`` elements. Inside
 a tile, pieces of at most ``SMALL`` elements are summed by one thread each; longer pieces (at
@@ -11,7 +11,7 @@ the kernels runnable in Numba's CUDA simulator.
 """
 from __future__ import annotations
 
-from numba import float32, int32, int64
+from numba import float64, int32, int64
 
 from ._scalar import make_scalar_ops
 from .cuda_launch import TPB, cuda, devfn
@@ -46,7 +46,7 @@ def load_p(g, gkind, e, has_e, i):
 
 @devfn
 def block_sum(sh, v):
-    """Sum of one float32 per thread, fixed-order tree; every thread gets the total."""
+    """Sum of one float64 per thread, fixed-order tree; every thread gets the total."""
     tid = cuda.threadIdx.x
     sh[tid] = v
     cuda.syncthreads()
@@ -63,10 +63,11 @@ def block_sum(sh, v):
 
 @devfn
 def piece_sum(g, gkind, e, has_e, a, b, power, step):
-    """This thread's fp32 sum of |p| (power 1) or p*p (power 2) over a, a+step, ... < b."""
-    acc = float32(0.0)
+    """This thread's float64 sum of |p| (power 1) or p*p (power 2) over a, a+step, ... < b
+    (p formed in fp32, as on the CPU; the statistic is rounded to fp32 once, in finish_stat)."""
+    acc = float64(0.0)
     for i in range(a, b, step):
-        v = load_p(g, gkind, e, has_e, i)
+        v = float64(load_p(g, gkind, e, has_e, i))
         if power == 1:
             acc += abs(v)
         else:
@@ -90,7 +91,7 @@ def tile_stats(g, gkind, e, has_e, offs, bsz, n, jf, jl, lo, hi, t, power, stat,
 
     Ends with a barrier, so the block sees the statistics it wrote.
     """
-    sh_red = cuda.shared.array(TPB, dtype=float32)
+    sh_red = cuda.shared.array(TPB, dtype=float64)
     sh_big = cuda.shared.array(_MAX_BIG, dtype=int64)
     sh_nbig = cuda.shared.array(1, dtype=int32)
     tid = cuda.threadIdx.x

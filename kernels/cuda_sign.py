@@ -1,4 +1,4 @@
-"""CUDA kernels of sign_blockwise (ALGORITHMS.md §1) with fused error feedback (§2).
+"""CUDA kernels of sign_blockwise (docs/algorithms.md §1) with fused error feedback (§2).
 
 Wire format as in ``cpu_sign.py``. Three launches on one stream:
 
@@ -100,7 +100,7 @@ def sign_compress(g, gkind, e, has_e, offs, n, nseg, bits, scales, res, has_res,
                   tpb=256, max_blocks=65535, tile=TILE):
     """Launch the three kernels; arrays are device arrays (or NumPy in the simulator)."""
     ntiles = (n + tile - 1) // tile
-    partial = alloc.empty(2 * ntiles, np.float32)
+    partial = alloc.empty(2 * ntiles, np.float64)
     sign_tile[ntiles, tpb, stream](g, gkind, e, has_e, offs, n, nseg, tile, bits, scales, partial, res, has_res)
     if ntiles > 1:
         finalize_kernel[grid_for(ntiles, tpb, max_blocks), tpb, stream](offs, 0, n, nseg, tile, 1, partial, scales)

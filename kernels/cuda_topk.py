@@ -1,6 +1,6 @@
 """CUDA exact top-k by magnitude: radix select on the bits of |x|, then an ordered compaction.
 
-Same selection rule as ``cpu_topk.py`` (ALGORITHMS.md §1, top_k; ties to the lower index, indices
+Same selection rule as ``cpu_topk.py`` (docs/algorithms.md §1, top_k; ties to the lower index, indices
 ascending). No host synchronisation: the select state lives on the device.
 
 * ``topk_init``: state = (prefix 0, mask 0, remaining k), histogram zeroed.

@@ -8,7 +8,7 @@ table, also written to a file (default reports/bench_kernels.md).
 
     python scripts/bench_kernels.py [out.md] [--sizes 1,16,64,256] [--min-time 0.3]
 
-Operations (ALGORITHMS.md §1-2; all through cser_hooks.kernels, CPU tensors):
+Operations (docs/algorithms.md §1-2; all through cser_hooks.kernels, CPU tensors):
 
 * sign compress+EF: ``sign_compress_ef`` (p = g + e, bits + scales, e <- p - C(p)) with blocks of
   4096 (each block inside one cache-sized tile: one read of g and e) and with one block per 2**20

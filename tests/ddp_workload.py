@@ -12,6 +12,8 @@ A configuration is a plain dict (picklable):
     compressor  EF / CompSkip compressor string;  c1, c2, period: CSER
     send_every, send_steps: CompSkip schedule
     momentum    0.0 or 0.9 (torch.optim.SGD);  give_optimizer: CSER state gets the optimizer
+    state_momentum, nesterov: M-CSER, the momentum applied by the CSER state before C1 (then
+                momentum = 0: the torch.optim.SGD outside is plain)
     seed, warmup_steps, bucket_cap_mb (None = DDP default), record (keep per-step snapshots)
 The rank returns, per configuration, a dict with the initial and final parameters, the bucket
 layout seen by the hook at every step, and (if ``record``) snapshots after backward and after
@@ -86,7 +88,8 @@ def make_state(cfg: dict, optimizer):
         return D.EFState(compressor=cfg["compressor"], **common), D.ef_hook
     if algo == "cser":
         opt = optimizer if cfg.get("give_optimizer", True) else None
-        state = D.CSERState(c1=cfg["c1"], c2=cfg["c2"], period=cfg["period"], optimizer=opt, **common)
+        state = D.CSERState(c1=cfg["c1"], c2=cfg["c2"], period=cfg["period"], optimizer=opt,
+                            momentum=cfg.get("state_momentum", 0.0), nesterov=cfg.get("nesterov", False), **common)
         return state, D.cser_hook
     if algo == "compskip":
         if cfg.get("send_steps") is not None:
@@ -158,9 +161,14 @@ TOPK16 = "top_k:ratio=1/16"
 TINY_BUCKETS = 0.0001
 
 
-def _cser(name, c2, momentum, give_optimizer=True, **kw):
-    return dict(name=name, algo="cser", c1=RB16, c2=c2, period=4, momentum=momentum,
+def _cser(name, c2, momentum, give_optimizer=True, c1=RB16, **kw):
+    return dict(name=name, algo="cser", c1=c1, c2=c2, period=4, momentum=momentum,
                 give_optimizer=give_optimizer, record=True, **kw)
+
+
+def _mcser(name, c2, nesterov, **kw):
+    """M-CSER (momentum 0.9 in the state, before C1); the torch.optim.SGD outside is plain."""
+    return _cser(name, c2, 0.0, state_momentum=0.9, nesterov=nesterov, **kw)
 
 
 CONFIGS = [
@@ -176,18 +184,25 @@ CONFIGS = [
     _cser("cser_full_mom_noopt", "identity", 0.9, give_optimizer=False),
     _cser("cser_part_sgd_noopt", RB4, 0.0, give_optimizer=False),
     _cser("cser_part_mom_warmup3", RB4, 0.9, warmup_steps=3),
+    # M-CSER (the paper's momentum variant) and CSER with a non-linear C1 (each rank's own top-k)
+    _mcser("mcser_part", RB4, False),
+    _mcser("mcser_full", "identity", False),
+    _mcser("mcser_full_nesterov", "identity", True),
+    _cser("cser_topk_part_sgd", RB4, 0.0, c1=TOPK16),
+    _cser("cser_topk_full_sgd", "identity", 0.0, c1=TOPK16),
     dict(name="compskip_rb_sgd", algo="compskip", compressor=RB16, send_every=2, momentum=0.0),
     dict(name="compskip_rb_mom", algo="compskip", compressor=RB16, send_every=2, momentum=0.9),
     dict(name="compskip_topk_every3_sgd", algo="compskip", compressor=TOPK16, send_every=3, momentum=0.0),
     dict(name="compskip_steps_mom", algo="compskip", compressor=RB16, send_steps=[1, 2, 6, 7, 8, 13, 21, 28],
          momentum=0.9),
-    # many small buckets (ALGORITHMS.md §8: per-bucket collectives must stay in order on gloo)
+    # many small buckets (docs/algorithms.md §8: per-bucket collectives must stay in order on gloo)
     dict(name="ef_rb_mom_buckets", algo="ef", compressor=RB16, momentum=0.9, bucket_cap_mb=TINY_BUCKETS),
     dict(name="ef_topk_sgd_buckets", algo="ef", compressor=TOPK16, momentum=0.0, bucket_cap_mb=TINY_BUCKETS),
     _cser("cser_part_mom_buckets", RB4, 0.9, bucket_cap_mb=TINY_BUCKETS),
     _cser("cser_full_sgd_buckets", "identity", 0.0, bucket_cap_mb=TINY_BUCKETS),
     _cser("cser_part_sgd_noopt_buckets", RB4, 0.0, give_optimizer=False,
           bucket_cap_mb=TINY_BUCKETS),
+    _mcser("mcser_part_nesterov_buckets", RB4, True, bucket_cap_mb=TINY_BUCKETS),
     dict(name="compskip_rb_mom_buckets", algo="compskip", compressor=RB16, send_every=2, momentum=0.9,
          bucket_cap_mb=TINY_BUCKETS),
     # sanity configurations

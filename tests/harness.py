@@ -4,7 +4,7 @@
 function ``fn(rank, world_size, *args, **kwargs)`` in ``world_size`` freshly spawned processes that
 share one initialised process group, and returns the ranks' return values ordered by rank.
 
-The harness is how the tests check ALGORITHMS.md §8 ("every rank issues the same collectives in the
+The harness is how the tests check docs/algorithms.md §8 ("every rank issues the same collectives in the
 same order") on a real gloo group: a mismatch makes a rank raise or stall, and the harness turns both
 into a test failure that names the rank, never a hang.
 

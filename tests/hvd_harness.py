@@ -10,7 +10,7 @@ saves its result with :func:`hvd_scripts/hvd_result.save_result` (``torch.save``
 a missing rank result or a timeout fails with the captured output of the whole job; on timeout the
 job's processes (horovodrun, its launcher middlemen and the workers) are all killed.
 
-Used by the ``horovod`` tests (ALGORITHMS.md §8: the Horovod front end must issue the same ordered
+Used by the ``horovod`` tests (docs/algorithms.md §8: the Horovod front end must issue the same ordered
 collectives on every rank); whether Horovod is usable is decided by tests/conftest.py (skip locally,
 fail under CI=true).
 """

@@ -1,6 +1,6 @@
 """Bad input to the compressors and the registry: a clear error naming the fix, or a documented behaviour.
 
-ALGORITHMS.md §8 asks for clear errors on bad input. Checked for every compressor of §1 and each entry
+docs/algorithms.md §8 asks for clear errors on bad input. Checked for every compressor of §1 and each entry
 point that takes a tensor (``compress``, ``compress_ef``, ``C(x)``):
 
 * not a flat contiguous float tensor (non-contiguous, 2-D, 0-d, integer or bool dtype): ValueError /

@@ -1,4 +1,4 @@
-"""Shared masks and per-rank rounding (ALGORITHMS.md §1 "linear with a shared mask", §3 PSync).
+"""Shared masks and per-rank rounding (docs/algorithms.md §1 "linear with a shared mask", §3 PSync).
 
 random_block / random_k select the same blocks on every rank from (seed, step, bucket key, salt) alone,
 so avg_j C(x_j) is an allreduce of the payloads; the team brief fixes that mask (blake2b seed, randperm),

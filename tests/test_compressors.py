@@ -1,4 +1,4 @@
-"""The compressor library against plain references written here (ALGORITHMS.md §1).
+"""The compressor library against plain references written here (docs/algorithms.md §1).
 
 Every expected value comes from the definitions of §1, the shared-mask definition of the team brief and
 the wire formats stated in the compressor docstrings, re-implemented below with NumPy / float64; the
@@ -45,7 +45,7 @@ MK = MaskKey(seed=3, step=11, key=2, salt="c1", rank=1)
 
 
 # ------------------------------------------------------------------------------------------------
-# plain references of ALGORITHMS.md §1 (nothing imported from cser_hooks)
+# plain references of docs/algorithms.md §1 (nothing imported from cser_hooks)
 
 
 def ref_generator(mk: MaskKey, per_rank: bool = False) -> torch.Generator:
@@ -521,7 +521,7 @@ def test_top_k_ties_go_to_the_lower_index():
 
 
 # ------------------------------------------------------------------------------------------------
-# unbiasedness and contraction (ALGORITHMS.md §1, "Properties the tests must check")
+# unbiasedness and contraction (docs/algorithms.md §1, "Properties the tests must check")
 
 N_DRAWS = 1000
 

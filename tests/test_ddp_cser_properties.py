@@ -1,4 +1,4 @@
-"""Properties of the CSER DDP hook on real gloo ranks, and of the CSER reference itself (ALGORITHMS.md §3).
+"""Properties of the CSER DDP hook on real gloo ranks, and of the CSER reference itself (docs/algorithms.md §3).
 
 Issue "DDP front end", point 2: after every full reset (C2 = identity) the parameters are bitwise
 identical on all ranks. With the optimizer given to the state the reset runs right after
@@ -95,7 +95,7 @@ def test_partial_reset_synchronizes_the_c2_blocks(world, name):
 
 def test_c1_identity_is_synchronous_sgd(world):
     """C1 = identity: every step averages the whole gradient, so replicas agree bitwise at every step
-    and the run is plain DDP's (ALGORITHMS.md §3, configurations that double as sanity checks)."""
+    and the run is plain DDP's (docs/algorithms.md §3, configurations that double as sanity checks)."""
     world_size, runs = world
     ranks = runs["cser_c1_identity_sgd"]
     plain = runs["plain_ddp_sgd"]

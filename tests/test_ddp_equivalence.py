@@ -4,9 +4,12 @@ Issue "DDP front end", point 1: W = 2 and 4 ranks, 30 steps of a small MLP (each
 batches), EF (random_block, top_k), CSER (ρ1 = 1/16, H = 4, full and partial reset, with and
 without the optimizer given to the state) and CompSkip (every-k and explicit schedules), plain SGD
 and SGD momentum 0.9, one bucket and many small buckets. The references in ``tests/reference``
-(ALGORITHMS.md §2, §3, §5) share no code with ``cser_hooks``; the bucket layout each hook saw is
+(docs/algorithms.md §2, §3, §5) share no code with ``cser_hooks``; the bucket layout each hook saw is
 recorded in the real run and handed to them. CSER with plain SGD is also compared with the paper's
-explicit-error form of the algorithm, which proves the parameter-averaging design exact (§3).
+explicit-error form of the algorithm, which proves the parameter-averaging design exact (§3), for
+shared-mask C1 (random_block) and for a non-linear one (top_k: each rank's own C1(p_j)). M-CSER
+(the state's ``momentum`` > 0: m_i ← β m_i + g_i, v_i = m_i or g_i + β m_i, p_i = η v_i before C1;
+plain SGD outside) is compared with its explicit x_i, e_i, m_i paper form the same way.
 """
 from __future__ import annotations
 
@@ -56,8 +59,9 @@ def test_hook_matches_reference(world, name):
     assert moved > 100 * TOL, f"{name}: the parameters hardly moved ({moved}); the comparison is void"
 
 
-PAPER_COMPARABLE = [c["name"] for c in W.CONFIGS
-                    if c["algo"] == "cser" and c["momentum"] == 0.0 and c.get("give_optimizer", True)]
+PAPER_COMPARABLE = [c["name"] for c in W.CONFIGS if c["algo"] == "cser" and c["momentum"] == 0.0
+                    and not c.get("state_momentum") and c.get("give_optimizer", True)]
+MCSER = [c["name"] for c in W.CONFIGS if c["algo"] == "cser" and c.get("state_momentum")]
 
 
 @pytest.mark.parametrize("name", PAPER_COMPARABLE)
@@ -68,6 +72,18 @@ def test_cser_hook_equals_paper_form(world, name):
     ref = reference_for(cfg, ranks, world_size, form="paper")
     diffs = [max_diff(ranks[i]["final"], ref[i]) for i in range(world_size)]
     assert max(diffs) <= TOL, f"{name}, W={world_size}: max |hook - paper-form CSER| per rank = {diffs}"
+
+
+@pytest.mark.parametrize("name", MCSER)
+def test_mcser_hook_equals_paper_form(world, name):
+    """M-CSER: explicit x_i, e_i, local m_i, p_i = η v_i compressed by C1 (paper) == the state's momentum
+    + parameter-averaging hook, with plain torch.optim.SGD outside."""
+    world_size, runs = world
+    cfg, ranks = W.CONFIG[name], runs[name]
+    assert cfg["momentum"] == 0.0 and cfg["state_momentum"] > 0
+    ref = reference_for(cfg, ranks, world_size, form="paper")
+    diffs = [max_diff(ranks[i]["final"], ref[i]) for i in range(world_size)]
+    assert max(diffs) <= TOL, f"{name}, W={world_size}: max |hook - paper-form M-CSER| per rank = {diffs}"
 
 
 @pytest.mark.parametrize("name", [c["name"] for c in W.CONFIGS if c["algo"] in ("ef", "compskip")])
@@ -88,6 +104,7 @@ WRONG = [
     ("cser_full_mom", dict(period=5)),
     ("cser_part_mom", dict(c2="random_block:ratio=1/4,block=16")),
     ("cser_full_sgd_noopt", dict(give_optimizer=True)),
+    ("cser_topk_part_sgd", dict(c1="top_k:ratio=1/8")),
     ("compskip_rb_mom", dict(send_every=3)),
     ("compskip_steps_mom", dict(momentum=0.0)),
 ]
@@ -101,6 +118,27 @@ def test_wrong_reference_is_detected(world, name, override):
     diff = max(max_diff(ranks[i]["final"], ref[i]) for i in range(world_size))
     # hook and right reference agree to ~3e-7; these wrong ones are off by 1e-3 .. 0.5
     assert diff > 20 * TOL, f"{name} with {override}: the reference should differ, max diff {diff}"
+
+
+# M-CSER's paper form must be able to fail too: Nesterov flipped, another β, or the momentum applied
+# *after* C1 (the default mode's variant: CSER hook form with torch.optim.SGD(momentum=0.9) outside).
+WRONG_MCSER = [
+    ("mcser_part", "paper", dict(nesterov=True)),
+    ("mcser_full_nesterov", "paper", dict(nesterov=False)),
+    ("mcser_part_nesterov_buckets", "paper", dict(state_momentum=0.8)),
+    ("mcser_full", "hook", dict(state_momentum=0.0, momentum=0.9)),
+    ("mcser_part", "hook", dict(state_momentum=0.0, momentum=0.9)),
+]
+
+
+@pytest.mark.parametrize("name,form,override", WRONG_MCSER,
+                         ids=[f"{n}-{f}-{'-'.join(sorted(o))}" for n, f, o in WRONG_MCSER])
+def test_wrong_mcser_reference_is_detected(world, name, form, override):
+    world_size, runs = world
+    cfg, ranks = W.CONFIG[name], runs[name]
+    ref = reference_for(cfg, ranks, world_size, form=form, **override)
+    diff = max(max_diff(ranks[i]["final"], ref[i]) for i in range(world_size))
+    assert diff > 20 * TOL, f"{name} with {override} ({form} form): the reference should differ, max diff {diff}"
 
 
 def test_reference_seed_changes_the_mask():

@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 
+from cser_hooks.comm import Communicator
 from harness import RankError, run_ranks
 
 # --------------------------------------------------------------------------------------------
@@ -262,6 +263,122 @@ def test_wrong_shape_or_algorithm_state_on_restore_is_a_clear_error(tmp_path):
     assert "checkpoint is for algorithm 'ef'" in errors[1]
 
 
+class _OneRank(Communicator):
+    """A world of one rank without a process group (its averages are the values themselves)."""
+
+    def all_gather_object(self, obj):
+        return [obj]
+
+
+class _PeerComm(Communicator):
+    """Rank 0 of 2 without a process group; the peer's config() is ours updated with ``theirs``."""
+
+    world_size = 2
+
+    def __init__(self, theirs: dict):
+        super().__init__()
+        self.theirs = theirs
+
+    def all_gather_object(self, obj):
+        return [obj, {k: v for k, v in {**obj, **self.theirs}.items() if v is not None}]
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"momentum": 1.0}, r"momentum \(M-CSER's β\) must be in \[0, 1\)"),
+    ({"momentum": -0.1}, r"must be in \[0, 1\)"),
+    ({"nesterov": True}, "nesterov=True needs momentum > 0"),
+])
+def test_mcser_knobs_out_of_range_are_clear_errors(kw, match):
+    from cser_hooks.algorithms.cser import CSER
+    with pytest.raises(ValueError, match=match):
+        CSER(Communicator(), **kw)
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True),
+    lambda ps: torch.optim.Adam(ps, lr=1e-3),
+], ids=["sgd_momentum", "sgd_nesterov", "adam"])
+def test_mcser_refuses_an_optimizer_with_momentum(make_opt):
+    """M-CSER applies the momentum before C1: a second one in the optimizer is refused, at construction and
+    at attach_optimizer; the default mode (momentum=0, the practical variant) takes any optimizer."""
+    from cser_hooks.algorithms.cser import CSER
+    opt = make_opt(_model().parameters())
+    for attach_later in (False, True):
+        with pytest.raises(ValueError, match=r"M-CSER.*CSERState\(momentum=0.9.*torch\.optim\.SGD\(.*momentum=0"):
+            if attach_later:
+                CSER(Communicator(), momentum=0.9).attach_optimizer(opt)
+            else:
+                CSER(Communicator(), momentum=0.9, optimizer=opt)
+    assert CSER(Communicator(), optimizer=opt).optimizer is opt
+    plain = torch.optim.SGD(_model().parameters(), lr=0.1, weight_decay=1e-4)
+    assert CSER(Communicator(), momentum=0.9, optimizer=plain).optimizer is plain
+
+
+@pytest.mark.parametrize("mine,theirs,field", [
+    ({"momentum": 0.9}, {"momentum": 0.8}, "momentum"),
+    ({"momentum": 0.9, "nesterov": True}, {"nesterov": False}, "nesterov"),
+    ({"momentum": 0.9}, {"momentum": None, "nesterov": None}, "momentum"),  # the peer runs plain CSER
+])
+def test_mcser_config_mismatch_names_the_field(mine, theirs, field):
+    from cser_hooks.algorithms.cser import CSER
+    from cser_hooks.state import ConfigMismatchError
+    st = CSER(_PeerComm(theirs), **mine)
+    assert st.config()["momentum"] == 0.9 and st.config()["nesterov"] == mine.get("nesterov", False)
+    with pytest.raises(ConfigMismatchError, match=f"field '{field}'"):
+        st.check_agreement()
+    assert "momentum" not in CSER(Communicator()).config()  # default mode: old checkpoints keep loading
+
+
+class _Bucket:
+    """Just enough of a DDP GradBucket for ``run_hook``: one bucket, one parameter, last of its step."""
+
+    def __init__(self, grad):
+        self.grad, self.param = grad, torch.zeros_like(grad)
+
+    def buffer(self):
+        return self.grad
+
+    def index(self):
+        return 0
+
+    def parameters(self):
+        return [self.param]
+
+    def is_last(self):
+        return True
+
+
+def _mcser_steps(st, steps, start=0):
+    """The gradient the optimizer would get at each step, world size 1 (gradient of step s: seed s)."""
+    from cser_hooks.ddp import run_hook
+    return [run_hook(st, _Bucket(torch.randn(40, generator=torch.Generator().manual_seed(s)))).wait().clone()
+            for s in range(start, start + steps)]
+
+
+def test_mcser_hook_applies_the_momentum_and_checkpoints_it():
+    """One rank: ĝ = v = g + β m with m ← β m + g (Nesterov), from the first step after warm-up; the fp32
+    m travels in state_dict(), so 3 + save/load + 3 steps == 6 steps, bitwise."""
+    from cser_hooks.algorithms.cser import CSER
+    kw = dict(c1="random_block:ratio=1/4,block=8", c2="identity", period=2, momentum=0.9, nesterov=True)
+    full = _mcser_steps(CSER(_OneRank(), **kw), 6)
+    m = torch.zeros(40)
+    for s in range(6):
+        g = torch.randn(40, generator=torch.Generator().manual_seed(s))
+        if s >= 1:  # warm-up step 0: the plain (averaged) gradient, m untouched
+            m = 0.9 * m + g
+            g = g + 0.9 * m
+        assert torch.allclose(full[s], g, atol=1e-6), f"step {s}"
+    first = CSER(_OneRank(), **kw)
+    head = _mcser_steps(first, 3)
+    sd = first.state_dict()
+    assert sd["buffers"][0]["m"].dtype == torch.float32
+    second = CSER(_OneRank(), **kw)
+    second.load_state_dict(sd)
+    tail = _mcser_steps(second, 3, start=3)
+    assert all(torch.equal(a, b) for a, b in zip(full, head + tail))
+
+
 def _fp16_overflow_rank(rank, ws):
     """Documented behaviour: the fp16 compressor clips to ±65504 instead of sending inf."""
     from cser_hooks.ddp import EFState, ef_hook
@@ -299,9 +416,12 @@ class _WithUnused(torch.nn.Module):
         return self.inner(x)
 
 
+_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16, "mcser_bf16": torch.bfloat16}
+
+
 def _features_rank(rank, ws, feature):
     from cser_hooks.ddp import CSERState, EFState, cser_hook, ef_hook
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(feature, torch.float32)
+    dtype = _DTYPE.get(feature, torch.float32)
     m = _model(dtype=dtype)
     if feature == "unused":
         m = _WithUnused(m)
@@ -312,8 +432,9 @@ def _features_rank(rank, ws, feature):
         kwargs["static_graph"] = True
     ddp = torch.nn.parallel.DistributedDataParallel(m, **kwargs)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
-    if feature == "cser_full":
-        st = CSERState(None, "random_block:ratio=1/16,block=8", "identity", period=4, optimizer=opt)
+    if feature in ("cser_full", "mcser_bf16"):  # full resets after steps 3 and 7
+        momentum = dict(momentum=0.9, nesterov=True) if feature == "mcser_bf16" else {}
+        st = CSERState(None, "random_block:ratio=1/16,block=8", "identity", period=4, optimizer=opt, **momentum)
         ddp.register_comm_hook(st, cser_hook)
     else:
         st = EFState(None, "random_block:ratio=1/8,block=8")
@@ -324,13 +445,13 @@ def _features_rank(rank, ws, feature):
 
 @pytest.mark.parametrize("feature,ws", [
     ("many_buckets", 4), ("no_sync", 2), ("unused", 2), ("static", 2), ("fp16", 2), ("bf16", 2),
-    ("cser_full", 2), ("world1", 1),
+    ("cser_full", 2), ("mcser_bf16", 2), ("world1", 1),
 ])
 def test_ddp_features_keep_replicas_identical(feature, ws):
     """EF replicas apply the same averaged gradient: parameters identical on every rank after 8 steps,
     and they moved; the step counter counts synchronising backward passes only (no_sync excluded)."""
     out = run_ranks(_features_rank, ws, feature, timeout=120)
-    start = _flat(_model(dtype={"fp16": torch.float16, "bf16": torch.bfloat16}.get(feature, torch.float32)))
+    start = _flat(_model(dtype=_DTYPE.get(feature, torch.float32)))
     for r in range(1, ws):
         assert torch.equal(out[0][0], out[r][0]), f"rank {r} differs"
     assert torch.isfinite(out[0][0]).all()

@@ -1,4 +1,4 @@
-"""dist-EF-SGDM DDP hook on real gloo ranks vs the single-process reference (ALGORITHMS.md §6).
+"""dist-EF-SGDM DDP hook on real gloo ranks vs the single-process reference (docs/algorithms.md §6).
 
 One spawn per world size (W = 2, 4) trains every configuration of :data:`CONFIGS` for 30 steps
 (plain and Nesterov momentum, per-tensor and fixed blocks, weight decay, an lr change, many small

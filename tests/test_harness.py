@@ -1,6 +1,6 @@
 """The test foundation itself: run_ranks on real gloo groups, the CUDA simulator, PTX compilation.
 
-run_ranks is what every multi-process test relies on to turn the failures of ALGORITHMS.md §8
+run_ranks is what every multi-process test relies on to turn the failures of docs/algorithms.md §8
 (a rank raising, stalling in a collective nobody else joins, or dying) into a prompt test failure
 naming the rank, so each of those is provoked here for real.
 """

@@ -2,7 +2,7 @@
 
 The job (tests/hvd_scripts/train_identical.py) starts the ranks from different parameters,
 broadcasts rank 0's, then trains on different data per rank. Checked against a single-process
-replay with plain torch: SGD with momentum on the rank-averaged gradient (ALGORITHMS.md §8: every
+replay with plain torch: SGD with momentum on the rank-averaged gradient (docs/algorithms.md §8: every
 rank ends in the same state because every rank applies the same averaged update).
 """
 from __future__ import annotations

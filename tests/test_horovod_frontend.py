@@ -4,7 +4,7 @@ One job per world size (2 and 4 ranks) trains every configuration of
 ``tests/hvd_scripts/hvd_frontend_job.py`` (all classes, 30 steps of the MLP of tests/ddp_workload.py,
 each rank its own batches). Checked here against:
 
-* a per-parameter reference simulation of W workers written in this file from ALGORITHMS.md §1-3
+* a per-parameter reference simulation of W workers written in this file from docs/algorithms.md §1-3
   and the team brief's shared-mask definition (it imports nothing from ``cser_hooks``): compressed
   averaging, EF (random_block, top_k, sign), CSER (reset after the step, or one step later without
   the optimizer), AllgatherCSER with top_k, under ``zero_grad(set_to_none=True)``,

@@ -1,4 +1,4 @@
-"""CPU kernels of cser_hooks.kernels against plain-torch references (ALGORITHMS.md §1-2).
+"""CPU kernels of cser_hooks.kernels against plain-torch references (docs/algorithms.md §1-2).
 
 The references below are written from the wire-format definitions only (they share no code with
 kernels/); tests/test_kernels_cudasim.py reuses them for the CUDA kernels. Payload bits, levels,

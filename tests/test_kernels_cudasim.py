@@ -1,5 +1,5 @@
 """Every Numba CUDA kernel of cser_hooks.kernels, run in Numba's CUDA simulator, against the
-plain-torch references of tests/test_kernels_cpu.py (ALGORITHMS.md §1-2).
+plain-torch references of tests/test_kernels_cpu.py (docs/algorithms.md §1-2).
 
 Run in its own process: ``pytest -m cudasim`` (tests/conftest.py sets NUMBA_ENABLE_CUDASIM=1 before
 numba is imported; in a normal pytest process these tests are skipped with that instruction).

@@ -1,4 +1,4 @@
-"""QPRSGD DDP hook on real gloo ranks vs the single-process reference (ALGORITHMS.md §4).
+"""QPRSGD DDP hook on real gloo ranks vs the single-process reference (docs/algorithms.md §4).
 
 One spawn per world size (W = 2, 4) trains all-reduce and gossip configurations for 30 steps of the
 shared MLP workload, plus a gossip run with lr = 0 whose ranks are perturbed apart after step 1, so
@@ -104,7 +104,7 @@ def test_wrong_reference_is_detected(world, name, override):
 
 
 def q_wire_bytes(spec: str, numel: int) -> int:
-    """qsgd s=15 (4-bit levels), block 64: signs + levels + one fp32 norm per block (ALGORITHMS.md §1);
+    """qsgd s=15 (4-bit levels), block 64: signs + levels + one fp32 norm per block (docs/algorithms.md §1);
     identity: the fp32 values."""
     if spec == "identity":
         return 4 * numel

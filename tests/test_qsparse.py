@@ -1,4 +1,4 @@
-"""Qsparse-local-SGD DDP hook on real gloo ranks vs the single-process reference (ALGORITHMS.md §7).
+"""Qsparse-local-SGD DDP hook on real gloo ranks vs the single-process reference (docs/algorithms.md §7).
 
 One spawn per world size (W = 2, 4) trains: synchronous (top_k∘QSGD/(1+β), top_k∘sign with local
 momentum, no optimizer given = one-step shift, many small buckets) and asynchronous schedules
@@ -136,7 +136,7 @@ def test_wrong_reference_is_detected(world, name, override):
 
 
 def qcomp_wire_bytes(spec: str, numel: int) -> int:
-    """top_k indices (int32) + the quantizer's payload of the k kept values (ALGORITHMS.md §1)."""
+    """top_k indices (int32) + the quantizer's payload of the k kept values (docs/algorithms.md §1)."""
     k = math.ceil(numel / 16) if "ratio=1/16" in spec else math.ceil(numel / 2)
     if "qsgd" in spec:
         block = int(spec.split("block=")[1].split(",")[0])

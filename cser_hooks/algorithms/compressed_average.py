@@ -1,6 +1,6 @@
 """The building block shared by EF and CompSkip: send C(p) with error feedback, receive avg_j C(p_j).
 
-    Δ_i = C(p_i) ;  e_i ← p_i − Δ_i ;  ĝ = avg_j Δ_j            (ALGORITHMS.md §2)
+    Δ_i = C(p_i) ;  e_i ← p_i − Δ_i ;  ĝ = avg_j Δ_j            (docs/algorithms.md §2)
 
 ``p`` is the fp32 residual buffer into which the caller has already added what is to be sent; it
 is overwritten with the new residual in the same pass as the compression (``compress_ef``).

@@ -1,4 +1,4 @@
-"""CompSkipDSGD: compressed and skipped communication (ALGORITHMS.md §5; IEEE Access 11, 2023).
+"""CompSkipDSGD: compressed and skipped communication (docs/algorithms.md §5; IEEE Access 11, 2023).
 
 Per bucket, on every rank (all ranks take the same decision, so collectives stay matched):
     skip round:  reserve_i += g_i ;  ĝ = 0                      (nothing sent, replicas stay equal)
@@ -12,7 +12,7 @@ Schedules (exactly one):
                  consecutive skips; decided by one 1-element MAX allreduce per bucket (blocking:
                  costs a host sync per bucket, the price of a data-dependent schedule).
 Only the abstract was available: these rules are our reading of "skip and reserve it for future
-iterations" (ALGORITHMS.md §5). With momentum SGD, skipped rounds still step the optimizer with a
+iterations" (docs/algorithms.md §5). With momentum SGD, skipped rounds still step the optimizer with a
 zero gradient (momentum continues), identically on every rank.
 """
 from __future__ import annotations
@@ -24,7 +24,6 @@ import torch
 from ..compressors import get_compressor
 from ..state import AlgorithmState, Exchange, StepContext
 from .compressed_average import decode_average, encode_with_feedback
-from .ef import rescale_on_lr_change
 
 
 class CompSkip(AlgorithmState):
@@ -34,7 +33,7 @@ class CompSkip(AlgorithmState):
     """
 
     algorithm = "compskip"
-    __slots__ = ("compressor", "send_every", "send_steps", "adaptive", "max_skips", "_skips", "_lr_of")
+    __slots__ = ("compressor", "send_every", "send_steps", "adaptive", "max_skips", "_skips")
 
     def __init__(self, comm, compressor="random_block:ratio=1/16", *, send_every: int | None = None,
                  send_steps: Iterable[int] | None = None, adaptive: float | None = None, max_skips: int = 8,
@@ -52,7 +51,6 @@ class CompSkip(AlgorithmState):
         self.adaptive = None if adaptive is None else float(adaptive)
         self.max_skips = int(max_skips)
         self._skips = {}
-        self._lr_of = {}
         super().__init__(comm, **kw)
 
     def config(self):
@@ -81,7 +79,7 @@ class CompSkip(AlgorithmState):
             return Exchange("none")
         self._skips[ctx.key] = 0
         e = self.buffer(ctx.key, "e", ctx.numel, grad.device)
-        rescale_on_lr_change(self, ctx.key, ("e", "reserve"))
+        self.rescale_on_lr_change(ctx.key, ("e", "reserve"))
         e.add_(reserve).add_(grad)
         reserve.zero_()
         return encode_with_feedback(self, self.compressor_for(self.compressor, ctx), e, ctx)
@@ -95,10 +93,8 @@ class CompSkip(AlgorithmState):
     def state_dict(self):
         sd = super().state_dict()
         sd["skips"] = dict(self._skips)
-        sd["lr_of"] = dict(self._lr_of)
         return sd
 
     def load_state_dict(self, sd):
         super().load_state_dict(sd)
         self._skips = dict(sd.get("skips", {}))
-        self._lr_of = dict(sd.get("lr_of", {}))

@@ -1,22 +1,38 @@
-"""CSER: error reset with partial synchronization (ALGORITHMS.md §3; Xie et al., arXiv 2007.13221).
+"""CSER: error reset with partial synchronization (docs/algorithms.md §3; Xie et al., arXiv 2007.13221).
 
 The paper, per step t on worker i (p_i = η g_i):
     c̄ = avg_j C1(p_j) ;  r_i = p_i − C1(p_i) ;  x_i ← x_i − c̄ − r_i ;  e_i ← e_i + r_i
     every H steps:  ē = avg_j C2(e_j) ;  x_i ← x_i + C2(e_i) − ē ;  e_i ← e_i − C2(e_i)
+and its M-CSER, momentum applied *before* C1 (m_i local, never averaged, untouched by resets):
+    m_i ← β m_i + g_i ;  v_i = g_i + β m_i (Nesterov) or m_i ;  p_i = η v_i ;  then as above.
 
-The exact, optimizer-agnostic form implemented here (ALGORITHMS.md §3 "Design choice"):
+Two modes of the state:
+  * ``momentum=0`` (default), any user optimizer: the hook returns the partially synchronized
+    gradient ĝ_i below and the user's optimizer applies its lr, momentum, Adam, weight decay to it
+    (its buffers stay local). With plain SGD this *is* the paper's CSER. With momentum or Adam in
+    the optimizer it is a practical variant (momentum applied *after* C1), not the paper's M-CSER.
+  * ``momentum=β > 0`` (M-CSER, the paper's algorithm with momentum): the state keeps m_i per key
+    (fp32, saved by ``state_dict``) and runs the C1 path below on v_i instead of g_i; the user's
+    optimizer must be ``torch.optim.SGD(..., momentum=0)`` (checked when given: ``optimizer=``).
+    Its lr may change (ĝ_i is in gradient units; the optimizer applies the current η), and its
+    ``weight_decay`` acts on x_i directly, outside m and C1. The hook sees the gradient as DDP
+    hands it over, so a GradScaler's changing loss scale (and a skipped inf/NaN step) would enter
+    m: use M-CSER without a loss scaler (fp32 or bf16).
+
+The exact, optimizer-agnostic form implemented here (docs/algorithms.md §3 "Design choice"), with u_i
+= g_i (CSER) or v_i (M-CSER):
   * gradient part (``encode``/``decode``): the hook returns ĝ_i = c̄/η + r_i/η, i.e. the rank
-    average on what C1 selects and the local gradient elsewhere. The user's optimizer applies its
-    lr, momentum and weight decay (momentum buffers stay local, as in local SGD).
+    average of u on what C1 selects and the local u_i elsewhere; x_i ← x_i − η ĝ_i is the paper's
+    x_i ← x_i − c̄ − r_i.
     - shared-mask C1 (random_block/random_k/identity): one allreduce of the selected values,
       written back over the local gradient: no residual is stored at all.
     - non-linear C1 (top_k, sign_blockwise, qsgd, compose): allgather of payloads;
-      ĝ_i = (g_i − C1(g_i)) + avg_j C1(g_j).
+      ĝ_i = (u_i − C1(u_i)) + avg_j C1(u_j).
     - C1 = zero: purely local steps (CSER-PL, or local SGD when C2 = identity).
   * reset (``reset``): x̂ is the same on every rank and x_i = x̂ − e_i, so
     C2(e_i) − avg_j C2(e_j) = avg_j C2(x_j) − C2(x_i): the reset *averages the C2-selected blocks
     of the parameters across ranks and overwrites them* (C2 = identity: all parameters, a full
-    reset that makes the ranks' models bitwise identical). No e_i is ever stored.
+    reset that makes the ranks' models bitwise identical). No e_i is ever stored; m_i stays local.
   * when: after the optimizer step of every step s >= warmup_steps with (s + 1) % H == 0. Given
     the optimizer, a step post-hook does it at once; otherwise the hook of step s + 1 does it for
     its bucket before compressing (one-step shift: that step's gradient was computed on the
@@ -33,6 +49,20 @@ import torch
 from ..compressors import get_compressor
 from ..exchange import average_into, exchange_for, layout_of
 from ..state import AlgorithmState, Exchange, StepContext, nonfinite_flag
+from .dist_ef_sgdm import check_plain_sgd
+
+
+def check_mcser_optimizer(optimizer, momentum: float) -> None:
+    """M-CSER applies the momentum in the hook (before C1): the user's optimizer must have none."""
+    try:
+        check_plain_sgd(optimizer)
+    except ValueError:
+        raise ValueError(
+            f"CSER: the state runs M-CSER (CSERState(momentum={momentum}, ...)), which applies the momentum "
+            f"itself, before C1; {type(optimizer).__name__} must not add momentum of its own (momentum, "
+            f"nesterov or Adam's betas). Build it as torch.optim.SGD(params, lr=..., momentum=0, "
+            f"weight_decay=...), or use CSERState(momentum=0) to keep your optimizer (momentum applied after "
+            f"C1: a practical variant, not the paper's M-CSER).") from None
 
 
 class CSER(AlgorithmState):
@@ -44,14 +74,21 @@ class CSER(AlgorithmState):
           share of the model is averaged at each reset. Must be a shared-mask compressor.
       period (H): steps between resets. Traffic ≈ ρ1 + ρ2/H of dense. Paper (ImageNet) presets:
           (ρ1, ρ2, H) = (1/64, 1/4, 16) ≈ 1/32; (1/512, 1/16, 32) ≈ 1/256; (1/2048, 1/8, 256).
+      momentum (β), nesterov: ``momentum > 0`` runs M-CSER, the paper's CSER with momentum (applied
+          in the state, before C1; the user's optimizer must be plain SGD, momentum=0). The default
+          0 leaves momentum (or Adam) to the user's optimizer, applied to the partially synchronized
+          gradient ĝ_i: a practical variant, exact to the paper's CSER only for plain SGD.
       optimizer: pass it so the reset runs right after optimizer.step() (recommended).
-      warmup_steps: dense allreduce steps first (>= 1: DDP rebuilds buckets after step 0).
+      warmup_steps: dense allreduce steps first (>= 1: DDP rebuilds buckets after step 0); their
+          averaged gradients go to the user's optimizer and leave the M-CSER momentum untouched.
     """
 
     algorithm = "cser"
-    __slots__ = ("c1", "c2", "period", "params", "_reset_done")  # params: key -> (tensors, StepContext)
+    # params: key -> (tensors, StepContext)
+    __slots__ = ("c1", "c2", "period", "momentum", "nesterov", "params", "_reset_done")
 
-    def __init__(self, comm, c1="random_block:ratio=1/64", c2="identity", period: int = 16, **kw):
+    def __init__(self, comm, c1="random_block:ratio=1/64", c2="identity", period: int = 16, *,
+                 momentum: float = 0.0, nesterov: bool = False, **kw):
         self.c1 = get_compressor(c1)
         self.c2 = get_compressor(c2)
         if not self.c2.linear or self.c2.name in ("fp16", "bf16", "zero"):
@@ -59,17 +96,48 @@ class CSER(AlgorithmState):
                              f"got {self.c2.spec()!r}: the reset averages the selected parameter blocks.")
         if int(period) < 1:
             raise ValueError(f"CSER: period (H) must be >= 1, got {period}")
+        if not 0.0 <= float(momentum) < 1.0:
+            raise ValueError(f"CSER: momentum (M-CSER's β) must be in [0, 1), got {momentum}")
+        if nesterov and float(momentum) == 0.0:
+            raise ValueError("CSER: nesterov=True needs momentum > 0 (M-CSER); for the optimizer's own Nesterov "
+                             "momentum pass it to the optimizer and keep the state's momentum=0")
         self.period = int(period)
+        self.momentum = float(momentum)
+        self.nesterov = bool(nesterov)
         self.params: dict[object, tuple] = {}
         self._reset_done: dict[object, int] = {}
         super().__init__(comm, **kw)
 
     def config(self):
-        return {**super().config(), "c1": self.c1.spec(), "c2": self.c2.spec(), "period": self.period}
+        cfg = {**super().config(), "c1": self.c1.spec(), "c2": self.c2.spec(), "period": self.period}
+        if self.momentum:  # only in M-CSER mode: checkpoints of the default mode keep loading
+            cfg.update(momentum=self.momentum, nesterov=self.nesterov)
+        return cfg
+
+    def attach_optimizer(self, optimizer) -> None:
+        if self.momentum:
+            check_mcser_optimizer(optimizer, self.momentum)
+        super().attach_optimizer(optimizer)
 
     # -- gradient part ---------------------------------------------------------------------
+    def momentum_direction(self, grad, ctx: StepContext) -> None:
+        """M-CSER: m ← β m + g ; grad ← v = g + β m (Nesterov) or m. m is fp32, grad may be fp16/bf16."""
+        if self.optimizer is not None and ctx.step == self.warmup_steps:
+            check_mcser_optimizer(self.optimizer, self.momentum)  # the optimizer may have been rebuilt since
+        m = self.buffer(ctx.key, "m", ctx.numel, grad.device)
+        g = grad if grad.dtype == torch.float32 else grad.float()
+        m.mul_(self.momentum).add_(g)
+        if self.nesterov:
+            g.add_(m, alpha=self.momentum)
+            if g is not grad:
+                grad.copy_(g)
+        else:
+            grad.copy_(m)
+
     def encode(self, grad, ctx: StepContext) -> Exchange:
         t0 = time.perf_counter()
+        if self.momentum:
+            self.momentum_direction(grad, ctx)  # the rest runs on v (sent, checked, averaged) as CSER on g
         flag = nonfinite_flag(grad) if self.check_finite else None
         mk = self.mask_key(ctx, "c1")
         c1 = self.compressor_for(self.c1, ctx)

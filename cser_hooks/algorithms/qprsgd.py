@@ -1,6 +1,6 @@
-"""QPRSGD: quantized parallel restarted SGD, server-free (ALGORITHMS.md §4; seed 001, Wu et al.,
-arXiv 2004.09125). Only the abstract was available: the quantizer, the error handling and the
-gossip update below are our reading (see "Choices").
+"""QPRSGD: quantized parallel restarted SGD, server-free (docs/algorithms.md §4; arXiv 2004.09125).
+Only the abstract was available: the quantizer, the error handling and the gossip update below
+are our reading (see "Choices").
 
 Local SGD with K local steps; after every K-th optimizer step the workers exchange quantized model
 deltas, with the quantization error carried into the next round. Between rounds the hook returns
@@ -29,7 +29,7 @@ Choices (the paper's text was not available):
     not at run time: a scaled QSGD or a smaller block fixes it).
   * All-reduce mode averages quantized payloads through one allgather: quantized values cannot be
     summed in transit by a ring all-reduce without re-quantizing at every hop.
-  * Gossip: ALGORITHMS.md writes x_i ← x_last,i + Σ_j w_ij Q(Δ_j). Read literally with x_last,i
+  * Gossip: docs/algorithms.md writes x_i ← x_last,i + Σ_j w_ij Q(Δ_j). Read literally with x_last,i
     the rank's own last model, the ranks' disagreement would never shrink (the models are never
     mixed). We read x_last,i as node i's mix of its neighbours' public models, which gives the
     CHOCO-style update above: the network average of the x_i is preserved exactly and the

@@ -1,4 +1,4 @@
-"""Qsparse-local-SGD (ALGORITHMS.md §7; seed 004, Basu, Data, Karakus, Diggavi, NeurIPS 2019).
+"""Qsparse-local-SGD (docs/algorithms.md §7; Basu, Data, Karakus, Diggavi, NeurIPS 2019).
 
 The spec, worker i, at a synchronization index (between them: plain local SGD steps):
     p_i = m_i + (x̂_i − x_i) ;  Δ_i = QComp(p_i) ;  m_i ← p_i − Δ_i
@@ -64,7 +64,7 @@ def pack_payload(payload, flag: torch.Tensor) -> torch.Tensor:
 
 class ModelSync(AlgorithmState):
     """Base of the local-SGD style algorithms: gradients stay local, the model is synchronized
-    after the optimizer step of the steps where ``sync_due(s)`` (ALGORITHMS.md §3 model-side ops).
+    after the optimizer step of the steps where ``sync_due(s)`` (docs/algorithms.md §3 model-side ops).
     Subclasses implement ``init_bucket(key, flat)`` and ``sync(key, s, params, pctx)``."""
 
     __slots__ = ("params", "_synced")

@@ -42,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     known = ", ".join(methods_mod.PRESETS)
     default, quick = ",".join(methods_mod.DEFAULT), ",".join(methods_mod.QUICK_DEFAULT)
     p.add_argument("--methods", help=f"comma-separated method names (default: {default}; with --quick: "
-                   f"{quick}). Known: {known}, and the parametric cser@R1:R2:H, ef-topk@R, ef-rb@R, topk@R, "
-                   f"local-sgd@H, powersgd@R")
+                   f"{quick}). Known: {known}, and the parametric cser@R1:R2:H, m-cser@R1:R2:H, ef-topk@R, "
+                   f"ef-rb@R, ef-sign@B, topk@R, local-sgd@H, powersgd@R, dist-ef-sgdm@B, qsparse@R:H, "
+                   f"qprsgd@H, compskip@R:K; any name + ~lrS scales the peak lr by S")
     p.add_argument("--workers", "-W", type=int, default=4, help="number of worker processes (default 4)")
     p.add_argument("--data", default="mnist1d",
                    help="mnist1d (default, generated offline and cached), digits, or a PATH: .npz with "

@@ -13,15 +13,19 @@ the launcher picks 256 for models with >= 1M parameters and 32 below (a 10k-para
 few 256-element blocks, so small ratios would round up to a much denser mask).
 
 Names: the presets below, and parametric forms ``cser@R1:R2:H`` (R2 = 1 for a full reset),
-``ef-topk@R``, ``ef-rb@R``, ``topk@R`` (no error feedback), ``local-sgd@H``, ``powersgd@R``,
-e.g. ``cser@1/32:1/4:8``.
+``m-cser@R1:R2:H`` (momentum in the hook, M-CSER), ``ef-topk@R``, ``ef-rb@R``, ``ef-sign@B``,
+``topk@R`` (no error feedback), ``local-sgd@H``, ``powersgd@R``, ``dist-ef-sgdm@B`` (B: sign block
+size or ``tensor``; Nesterov momentum) and ``dist-ef-sgdm-hb@B`` (heavy-ball momentum),
+``qsparse@R:H``, ``qprsgd@H``, ``compskip@R:K`` (top-k ratio R, send every K),
+e.g. ``cser@1/32:1/4:8``. Any name may end in ``~lrS``: the same method with the peak lr times S
+(the same warm-up + cosine schedule), e.g. ``dist-ef-sgdm@64~lr0.5``, for an honest lr sweep.
 """
 from __future__ import annotations
 
 import inspect
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Any
 
@@ -40,6 +44,7 @@ class Method:
     protocol: str = "allreduce"               # "allreduce" | "allgather" | "mixed" (not modelled)
     bucket_cap_mb: float | None = None        # None: the bench's --bucket-cap-mb
     optimizer_overrides: Mapping[str, Any] = field(default_factory=dict)
+    lr_scale: float = 1.0                     # multiplies the peak lr (same warm-up + cosine schedule)
 
 
 # -- baselines -----------------------------------------------------------------------------------
@@ -104,12 +109,45 @@ def _rb(ratio: str):
     return lambda block: f"random_block:ratio={ratio},block={block}"
 
 
-def _cser(r1: str, r2: str, period: int, name: str) -> Method:
+def _cser(r1: str, r2: str, period: int, name: str, momentum: float = 0.0) -> Method:
+    """CSER (momentum = 0: the user's SGD momentum acts on ĝ) or M-CSER (momentum > 0 in the hook)."""
     c2 = (lambda block: "identity") if Fraction(r2) == 1 else _rb(r2)
     c1 = (lambda block: "zero") if Fraction(r1) == 0 else _rb(r1)
     total = Fraction(r1) + Fraction(r2) / period
+    if momentum:
+        return Method(name, _ours("CSERState", "cser_hook", c1=c1, c2=c2, period=period, momentum=momentum),
+                      f"M-CSER rho1={r1}, rho2={r2}, H={period} (~{_frac(total)} of dense), momentum "
+                      f"{momentum} in the hook before C1 (optimizer without)",
+                      optimizer_overrides=_NO_MOMENTUM)
     return Method(name, _ours("CSERState", "cser_hook", c1=c1, c2=c2, period=period),
                   f"CSER rho1={r1}, rho2={r2}, H={period} (~{_frac(total)} of dense)")
+
+
+def _dist_ef(block: str, name: str, nesterov: bool = True) -> Method:
+    comp = "sign_blockwise" if block == "tensor" else f"sign_blockwise:block={block}"
+    what = "one block per tensor" if block == "tensor" else f"blocks of {block}"
+    kind = "Nesterov" if nesterov else "heavy-ball"
+    return Method(name, _ours("DistEFSGDMState", "dist_ef_sgdm_hook", compressor=comp, momentum=0.9,
+                              nesterov=nesterov),
+                  f"dist-EF-SGDM: sign ({what}), two-way EF, {kind} momentum 0.9 in the hook (optimizer without)",
+                  protocol="mixed", optimizer_overrides=_NO_MOMENTUM)
+
+
+def _qsparse(ratio: str, period: int, name: str) -> Method:
+    return Method(name, _ours("QsparseLocalSGDState", "qsparse_local_sgd_hook",
+                              compressor=f"top_k:ratio={ratio} + qsgd:s=15,scale=0.5", period=period),
+                  f"Qsparse-local-SGD: top-k {ratio} + QSGD(15), sync every {period} steps", protocol="allgather")
+
+
+def _qprsgd(period: int, name: str) -> Method:
+    return Method(name, _ours("QPRSGDState", "qprsgd_hook", compressor="qsgd:s=15,block=64", period=period),
+                  f"QPRSGD: local SGD, QSGD(15)-quantized model deltas every {period} steps (all-reduce mode)",
+                  protocol="allgather")
+
+
+def _compskip(ratio: str, every: int, name: str) -> Method:
+    return Method(name, _ours("CompSkipState", "compskip_hook", compressor=f"top_k:ratio={ratio}", send_every=every),
+                  f"CompSkip: top-k {ratio} (values + indices), send every {every} steps", protocol="allgather")
 
 
 def _frac(x: Fraction) -> str:
@@ -132,8 +170,13 @@ def _ef(comp: str, name: str, summary: str, protocol: str, feedback: bool = True
 # Error feedback with a weak compressor (sign: delta = 1/d per tensor, random blocks: delta = ratio) diverges
 # at the CNN's lr 0.1 with momentum 0.9: the residual releases many steps of gradient at once and momentum
 # amplifies it (EF-SGD needs lr ~ delta/L). Those presets run without the optimizer's momentum; dist-EF-SGDM
-# is the momentum-aware form of sign compression (seed 003).
+# is the momentum-aware form of sign compression (Zheng et al. 2019).
 _NO_MOMENTUM = {"momentum": 0.0}
+
+
+def _lr_scaled(method: Method, scale: float, name: str | None = None) -> Method:
+    return replace(method, name=name or method.name, lr_scale=method.lr_scale * scale,
+                   summary=f"{method.summary}; peak lr x{scale:g}")
 
 
 def _presets() -> dict[str, Method]:
@@ -153,48 +196,69 @@ def _presets() -> dict[str, Method]:
         _ef("top_k:ratio=1/64", "topk", "top-k 1/64 without error feedback (contrast)", "allgather",
             feedback=False),
         _ef("rb:1/32", "ef-rb", "EF-SGD, random blocks 1/32 (allreduce), no momentum", "allreduce", **_NO_MOMENTUM),
+        # Each seed algorithm: the bench-tuned preset (same schedule and step budget as dense, the
+        # method's own knobs swept: docs/bench-sweep/report.md) and its paper preset ("-paper").
         _cser("1/64", "1/4", 16, "cser-32"),
-        _cser("1/512", "1/16", 32, "cser-256"),
+        _cser("1/512", "1", 512, "cser-256"),           # ~1/256: 1/512 of the gradient, full reset every 512
+        _cser("1/512", "1/16", 32, "cser-256-paper"),
         _cser("1/2048", "1/8", 256, "cser-1024"),
         _cser("0", "1/4", 16, "cser-pl"),
         _local_sgd(16, "local-sgd"),
-        Method("compskip", _ours("CompSkipState", "compskip_hook", compressor="top_k:ratio=1/32", send_every=2),
-               "CompSkip: top-k 1/32 (values + indices), send every 2nd step (~1/32 of dense bytes)",
-               protocol="allgather"),
-        Method("qprsgd", _ours("QPRSGDState", "qprsgd_hook", compressor="qsgd:s=15,block=64", period=4),
-               "QPRSGD: local SGD, QSGD(15)-quantized model deltas every 4 steps (all-reduce mode)",
-               protocol="allgather"),
-        Method("dist-ef-sgdm", _ours("DistEFSGDMState", "dist_ef_sgdm_hook", compressor="sign_blockwise",
-                                     momentum=0.9),
-               "dist-EF-SGDM: blockwise sign, two-way EF, momentum 0.9 in the hook (optimizer without)",
-               protocol="mixed", optimizer_overrides={"momentum": 0.0}),
-        Method("qsparse", _ours("QsparseLocalSGDState", "qsparse_local_sgd_hook",
-                                compressor="top_k:ratio=1/64 + qsgd:s=15,scale=0.5", period=8),
-               "Qsparse-local-SGD: top-k 1/64 + QSGD(15), sync every 8 steps", protocol="allgather"),
+        _cser("1/64", "1/4", 16, "m-cser", momentum=0.9),
+        _lr_scaled(_compskip("1/32", 2, "compskip"), 0.5),   # a skipped round's reserve lands in one burst
+        _compskip("1/32", 2, "compskip-paper"),
+        _qprsgd(4, "qprsgd"),
+        _lr_scaled(_dist_ef("64", "dist-ef-sgdm"), 0.85),
+        _dist_ef("tensor", "dist-ef-sgdm-paper"),
+        _qsparse("1/16", 8, "qsparse"),
+        _qsparse("1/64", 8, "qsparse-paper"),
     ]
     return {x.name: x for x in m}
 
 
 PRESETS = _presets()
-DEFAULT = ("dense", "fp16", "powersgd", "ef-topk", "topk", "ef-sign", "cser-32", "cser-256", "compskip")
+# every seed algorithm beside dense, fp16 and PowerSGD (about 4 minutes on 2 cores)
+DEFAULT = ("dense", "fp16", "powersgd", "cser-32", "cser-256", "m-cser", "dist-ef-sgdm", "qsparse", "qprsgd",
+           "compskip")
 QUICK_DEFAULT = ("dense", "fp16", "powersgd", "cser-32")
 
 _RATIO = r"(\d+(?:/\d+)?|0?\.\d+)"
 
 
 def get(name: str) -> Method:
-    """The entry for ``name`` (a preset or a parametric form); a clear error otherwise."""
+    """The entry for ``name`` (a preset or a parametric form, optionally ``~lrS``); a clear error otherwise."""
     name = name.strip()
+    base, sep, scale = name.partition("~")
+    if sep:
+        m = re.fullmatch(r"lr(\d+(?:\.\d*)?|\.\d+)", scale)
+        if not m or float(m[1]) <= 0:
+            raise SystemExit(f"method {name!r}: the suffix must be ~lrS with S > 0 (e.g. ~lr0.5)")
+        return _lr_scaled(get(base), float(m[1]), name)
     if name in PRESETS:
         return PRESETS[name]
-    m = re.fullmatch(rf"cser@{_RATIO}:{_RATIO}:(\d+)", name)
+    m = re.fullmatch(rf"(m-)?cser@{_RATIO}:{_RATIO}:(\d+)", name)
     if m:
-        return _cser(m[1], m[2], int(m[3]), name)
+        return _cser(m[2], m[3], int(m[4]), name, momentum=0.9 if m[1] else 0.0)
     m = re.fullmatch(rf"(ef-topk|topk|ef-rb)@{_RATIO}", name)
     if m:
         comp = f"rb:{m[2]}" if m[1] == "ef-rb" else f"top_k:ratio={m[2]}"
         proto = "allreduce" if m[1] == "ef-rb" else "allgather"
         return _ef(comp, name, f"{m[1]} at ratio {m[2]}", proto, feedback=m[1] != "topk")
+    m = re.fullmatch(r"ef-sign@(\d+)", name)
+    if m:
+        return _ef(f"sign_blockwise:block={m[1]}", name, f"EF-SGD, scaled sign, blocks of {m[1]}", "allgather")
+    m = re.fullmatch(r"dist-ef-sgdm(-hb)?@(tensor|\d+)", name)
+    if m:
+        return _dist_ef(m[2], name, nesterov=not m[1])
+    m = re.fullmatch(rf"qsparse@{_RATIO}:(\d+)", name)
+    if m:
+        return _qsparse(m[1], int(m[2]), name)
+    m = re.fullmatch(r"qprsgd@(\d+)", name)
+    if m:
+        return _qprsgd(int(m[1]), name)
+    m = re.fullmatch(rf"compskip@{_RATIO}:(\d+)", name)
+    if m:
+        return _compskip(m[1], int(m[2]), name)
     m = re.fullmatch(r"local-sgd@(\d+)", name)
     if m:
         return _local_sgd(int(m[1]), name)
@@ -202,7 +266,9 @@ def get(name: str) -> Method:
     if m:
         return Method(name, _powersgd(int(m[1])), f"torch's powerSGD_hook, rank {m[1]}", bucket_cap_mb=4096)
     raise SystemExit(f"unknown method {name!r}. Presets: {', '.join(PRESETS)}; parametric: cser@R1:R2:H, "
-                     f"ef-topk@R, ef-rb@R, topk@R, local-sgd@H, powersgd@R (e.g. cser@1/64:1/4:16)")
+                     f"m-cser@R1:R2:H, ef-topk@R, ef-rb@R, ef-sign@B, topk@R, local-sgd@H, powersgd@R, "
+                     f"dist-ef-sgdm@B, dist-ef-sgdm-hb@B, qsparse@R:H, qprsgd@H, compskip@R:K; any of them ~lrS "
+                     f"(e.g. cser@1/64:1/4:16, dist-ef-sgdm@64~lr0.5)")
 
 
 def parse_list(spec: str) -> list[Method]:

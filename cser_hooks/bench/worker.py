@@ -155,7 +155,7 @@ def _train(cfg: dict, rank: int, world: int, arrays) -> dict:
     torch.manual_seed(seed)
     model = models.build(cfg["model"], xtr.shape[1:], classes)
     method = methods_mod.get(cfg["method"])
-    opt_kw = {"lr": float(cfg["lr"]), "momentum": float(cfg["momentum"]),
+    opt_kw = {"lr": float(cfg["lr"]) * method.lr_scale, "momentum": float(cfg["momentum"]),
               "weight_decay": float(cfg["weight_decay"])}
     opt_kw.update(method.optimizer_overrides)
     opt = torch.optim.SGD(model.parameters(), **opt_kw)

@@ -1,4 +1,4 @@
-"""Compressors of ALGORITHMS.md §1 and a registry that builds them from strings.
+"""Compressors of docs/algorithms.md §1 and a registry that builds them from strings.
 
     get_compressor("random_block:ratio=1/64,block=256")
     get_compressor("top_k:ratio=0.01 + qsgd:s=15")        # compose(sparsifier, quantizer)

@@ -1,4 +1,4 @@
-"""The compressor contract (ALGORITHMS.md §1).
+"""The compressor contract (docs/algorithms.md §1).
 
 A compressor maps a flat, contiguous floating-point tensor ``x`` to a *payload* (a tuple of tensors
 that travel on the wire) and back. Two families, because the collective differs:
@@ -57,7 +57,7 @@ class MaskKey:
 
 
 def check_input(x: torch.Tensor, who: str) -> None:
-    """Reject what no compressor supports, with the fix in the message (ALGORITHMS.md §8)."""
+    """Reject what no compressor supports, with the fix in the message (docs/algorithms.md §8)."""
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{who}: unsupported dtype {x.dtype}; compressors take float32/float16/bfloat16/float64 "
@@ -73,7 +73,7 @@ class Compressor:
     """Base class. Subclasses set ``name``, ``linear`` and ``unbiased`` and implement the methods.
 
     ``delta`` is the contraction constant a biased compressor claims:
-    ``||x - C(x)||^2 <= (1 - delta) ||x||^2`` (ALGORITHMS.md §1). ``None`` when no bound is claimed
+    ``||x - C(x)||^2 <= (1 - delta) ||x||^2`` (docs/algorithms.md §1). ``None`` when no bound is claimed
     (unbiased stochastic compressors are bounded in variance instead).
     """
 
@@ -107,7 +107,7 @@ class Compressor:
 
     # -- error feedback, fused where a kernel can do it --------------------------------------
     def compress_ef(self, p: torch.Tensor, mk: MaskKey, segments: Sequence[int] | None = None) -> Payload:
-        """Compress ``p`` and overwrite it with the new residual ``p - C(p)`` (ALGORITHMS.md §2).
+        """Compress ``p`` and overwrite it with the new residual ``p - C(p)`` (docs/algorithms.md §2).
 
         The default goes through :meth:`decompress`; compressors override it with a single pass.
         """

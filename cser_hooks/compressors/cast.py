@@ -1,4 +1,4 @@
-"""Identity and floating-point casts (ALGORITHMS.md §1, "linear with a shared mask" family).
+"""Identity and floating-point casts (docs/algorithms.md §1, "linear with a shared mask" family).
 
 ``fp16`` overflow policy (documented, tested): values beyond the fp16 range are *clipped* to
 ±65504 instead of becoming ±inf, so one outlier cannot poison the allreduce. NaN stays NaN, and

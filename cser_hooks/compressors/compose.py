@@ -1,6 +1,6 @@
-"""compose(sparsifier, quantizer): quantize only the values the sparsifier kept (ALGORITHMS.md §1, §7).
+"""compose(sparsifier, quantizer): quantize only the values the sparsifier kept (docs/algorithms.md §1, §7).
 
-QComp(v) = Q(Comp_k(v)) from Qsparse-local-SGD (seed 004). The sparsifier is ``top_k`` (its int32
+QComp(v) = Q(Comp_k(v)) from Qsparse-local-SGD (Basu et al., NeurIPS 2019). The sparsifier is ``top_k`` (its int32
 indices travel) or a shared-mask ``random_block``/``random_k`` (no index travels); the quantizer is
 ``qsgd`` (use ``scale=1/(1+beta)`` for the contraction of Qsparse's Lemma) or ``sign_blockwise``
 (one block: (||Comp_k(v)||_1 / k) * sign(Comp_k(v)), Qsparse's scaled sign).

@@ -1,6 +1,6 @@
 """per_tensor(inner): apply a compressor to each parameter tensor of a flat bucket separately.
 
-The authors' CSER code compresses per tensor, with masks seeded per layer (ALGORITHMS.md §3, last
+The authors' CSER code compresses per tensor, with masks seeded per layer (docs/algorithms.md §3, last
 paragraph). This wrapper does that over a DDP bucket while keeping *one* collective per bucket:
 each tensor ``i`` (element range ``segments[i]:segments[i+1]``, name ``names[i]``) is compressed
 with the inner compressor under ``MaskKey(..., key=names[i])``, and the payloads are concatenated.

@@ -1,4 +1,4 @@
-"""qsgd(s): unbiased stochastic quantization to s levels per block (ALGORITHMS.md §1).
+"""qsgd(s): unbiased stochastic quantization to s levels per block (docs/algorithms.md §1).
 
     C(v)_i = ||v_B||_2 * sign(v_i) * l_i / s,   l_i = floor(r_i) + Bernoulli(r_i - floor(r_i)),
     r_i = s |v_i| / ||v_B||_2
@@ -38,7 +38,7 @@ def uniforms(numel: int, mk: MaskKey, device) -> torch.Tensor:
 def reference_compress(p, u, s, block):
     n = p.numel()
     nb = math.ceil(n / block)
-    norms = torch.stack([p[j * block:(j + 1) * block].float().norm() for j in range(nb)])
+    norms = torch.stack([p[j * block:(j + 1) * block].double().norm().float() for j in range(nb)])
     levels = torch.empty(n, dtype=torch.int32)
     for j in range(nb):
         seg = p[j * block:(j + 1) * block].float()
@@ -91,8 +91,8 @@ class QSGD(Compressor):
         u = uniforms(n, mk, x.device)
         if x.is_cuda and n > 0:
             # FAST PATH on GPU (kernels.qsgd_compress): norms, levels and both bit fields in one kernel
-            # sequence. Its fp32 norm is summed in another order than torch's and r = (s*|v|)/norm, so a
-            # level can differ from the torch path below when r + u lands within an ulp of an integer.
+            # sequence. Its norm is summed in float64 like the CPU path's, but r = (s*|v|)/norm, so a level
+            # can differ from the torch path below when r + u lands within an ulp of an integer.
             signs = torch.empty(packed_nbytes(n, 1), dtype=torch.uint8, device=x.device)
             levels = torch.empty(packed_nbytes(n, self.L), dtype=torch.uint8, device=x.device)
             norms = torch.empty(math.ceil(n / b), dtype=torch.float32, device=x.device)
@@ -100,13 +100,13 @@ class QSGD(Compressor):
             return signs, levels, norms
         # CPU: vectorized torch over padded blocks (kernels.qsgd_compress's CPU twin reaches 0.37 of copy_
         # bandwidth here, below the uniforms' own cost; see the README's kernel table), with torch's norm,
-        # the one the reference simulations use
+        # summed in float64 and rounded once to fp32, so the norm is the same whatever the summation order
         nb = math.ceil(n / b)
         xf = x.float()
         if n % b:
             xf = torch.cat([xf, xf.new_zeros(nb * b - n)])
         v = xf.view(nb, b)
-        norms = v.norm(dim=1)
+        norms = torch.linalg.vector_norm(v, dim=1, dtype=torch.float64).float()
         inv = torch.where(norms > 0, s / norms, torch.zeros_like(norms))
         r = v.abs().mul_(inv.unsqueeze(1)).view(-1)[:n]
         fl = r.floor()

@@ -1,4 +1,4 @@
-"""Shared-mask random block / random-k sparsifiers (ALGORITHMS.md §1; RBS/GRBS of CSER, §3).
+"""Shared-mask random block / random-k sparsifiers (docs/algorithms.md §1; RBS/GRBS of CSER, §3).
 
 The flat tensor is split into blocks of ``block`` elements (the last may be short);
 ``k = min(nblocks, ceil(ratio * numel / block))`` blocks are chosen uniformly without replacement

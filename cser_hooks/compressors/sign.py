@@ -1,4 +1,4 @@
-"""sign_blockwise: blockwise 1-bit sign with an L1 scale (ALGORITHMS.md §1; seed 003).
+"""sign_blockwise: blockwise 1-bit sign with an L1 scale (docs/algorithms.md §1; Zheng et al., NeurIPS 2019).
 
     C(v)_B = (||v_B||_1 / |B|) * sign(v_B)      for every block B
 
@@ -36,7 +36,9 @@ def block_offsets(numel: int, block: int | None, segments: Sequence[int] | None)
 
 
 def reference_compress(p: torch.Tensor, offsets: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    scales = torch.stack([p[a:b].float().abs().sum() / (b - a) for a, b in zip(offsets, offsets[1:])])
+    # float64 sum and division, one rounding to fp32: the kernels do the same, so the scale does not
+    # depend on the summation order (the host's vector width)
+    scales = torch.stack([(p[a:b].double().abs().sum() / (b - a)).float() for a, b in zip(offsets, offsets[1:])])
     bits = pack_codes((p >= 0).to(torch.int32), 1)
     return bits, scales
 
@@ -82,13 +84,13 @@ class SignBlockwise(Compressor):
         if x.numel() == 0:
             return torch.zeros(0, dtype=torch.uint8, device=x.device), torch.zeros(lengths.numel(), device=x.device)
         # FAST PATH (kernels.sign_compress, Numba CPU / CUDA): one pass for the scales, one for the bits.
-        # float64 goes in as float32: the statistics are fp32 sums anyway.
+        # float64 goes in as float32 (the kernels accumulate the statistics in float64 either way).
         bits, scales = self._outputs(x.numel(), lengths.numel(), x.device)
         kernels.sign_compress(x.float() if x.dtype == torch.float64 else x, bounds, bits, scales)
         return bits, scales
 
     def compress_ef(self, p, mk, segments=None):
-        """Fused error feedback (ALGORITHMS.md §2): payload of p and p <- p - C(p) in the same kernel
+        """Fused error feedback (docs/algorithms.md §2): payload of p and p <- p - C(p) in the same kernel
         passes (fp32 p; other dtypes take the two-step default)."""
         check_input(p, self.name)
         if p.dtype != torch.float32 or p.numel() == 0 or not p.is_contiguous():

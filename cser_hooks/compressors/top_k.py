@@ -1,4 +1,4 @@
-"""top_k(ratio): keep the k = ceil(ratio * numel) largest |x| (ALGORITHMS.md §1, non-linear family).
+"""top_k(ratio): keep the k = ceil(ratio * numel) largest |x| (docs/algorithms.md §1, non-linear family).
 
 Payload: (values in x's dtype [k], int32 indices [k], sorted ascending). Exact top-k (ties between
 equal magnitudes broken toward the lower index). Contractive with delta = k / numel: the kept

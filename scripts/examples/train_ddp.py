@@ -3,7 +3,7 @@
     torchrun --nproc-per-node 2 scripts/examples/train_ddp.py --method cser --steps 300
     scripts/launch_torchrun.sh --method cser --steps 300          # the same, multi-node aware
 
-The adoption (ALGORITHMS.md §3, CSER; §2, EF for ``--method ef``)::
+The adoption (docs/algorithms.md §3, CSER; §2, EF for ``--method ef``)::
 
     from cser_hooks.ddp import CSERState, cser_hook
     state = CSERState(process_group=None, c1="random_block:ratio=1/64", c2="random_block:ratio=1/4",

@@ -3,7 +3,7 @@
     horovodrun -np 2 -H localhost:2 --gloo python scripts/examples/train_horovod.py --method cser
     scripts/launch_horovodrun.sh --method cser                     # HOSTS / NP from the environment
 
-The adoption (ALGORITHMS.md §3, CSER)::
+The adoption (docs/algorithms.md §3, CSER)::
 
     from cser_hooks.horovod import CSER
     cser = CSER(model.named_parameters(), c1="random_block:ratio=1/64", c2="random_block:ratio=1/4",
@@ -11,7 +11,7 @@ The adoption (ALGORITHMS.md §3, CSER)::
     opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(), compression=cser)
 
 ``optimizer=opt`` runs CSER's error reset right after each ``optimizer.step()``. ``--method ef`` uses
-``cser_hooks.horovod.EF`` (error feedback, ALGORITHMS.md §2) with a shared-mask compressor the same way.
+``cser_hooks.horovod.EF`` (error feedback, docs/algorithms.md §2) with a shared-mask compressor the same way.
 
 Devices: with CUDA each rank uses ``cuda:hvd.local_rank()`` (Horovod built with
 HOROVOD_GPU_OPERATIONS=NCCL, as in the Docker image, then reduces on the GPU with NCCL); without it the

@@ -1,4 +1,4 @@
-"""Reference CompSkip (compressed and skipped communication), W workers (ALGORITHMS.md §5).
+"""Reference CompSkip (compressed and skipped communication), W workers (docs/algorithms.md §5).
 
 Per bucket b and rank i: reserve r and residual e, fp32 zero at start. A step s >= warmup_steps
 sends iff ``(s + 1) % send_every == 0`` (or ``s in send_steps`` when a list is given):

@@ -1,4 +1,4 @@
-"""Reference dist-EF-SGDM, W workers in one process (ALGORITHMS.md §6; no code shared with cser_hooks).
+"""Reference dist-EF-SGDM, W workers in one process (docs/algorithms.md §6; no code shared with cser_hooks).
 
 Written from the spec, in gradient units (the user's SGD with lr η applies the returned Δ):
     m_i ← μ m_i + g_i ;  v_i = g_i + μ m_i (Nesterov) or m_i ;  p_i = v_i + e_i
@@ -18,15 +18,14 @@ import math
 import torch
 
 from .common import Layout, layout_at
-from .qsparse import average_divide_first, block_l1
+from .qsparse import average_divide_first, sign_scale
 
 
 def sign_c(v: torch.Tensor, cuts: list[int]) -> torch.Tensor:
     """Dense C(v) for blocks [cuts[k], cuts[k+1])."""
     out = torch.empty_like(v)
-    sums = block_l1(v, cuts)
-    for k, (a, b) in enumerate(zip(cuts, cuts[1:])):
-        scale = sums[k] / (b - a)
+    for a, b in zip(cuts, cuts[1:]):
+        scale = sign_scale(v[a:b])
         out[a:b] = torch.where(v[a:b] >= 0, scale, -scale)
     return out
 
@@ -82,8 +81,9 @@ def simulate_dist_ef_sgdm(init: dict, grad_fn, world_size: int, steps: int, layo
                 deltas = []
                 for i in range(n):
                     mb[i] = momentum * mb[i] + g[i]
-                    v = g[i] + momentum * mb[i] if nesterov else mb[i]
-                    p = v + eb[i]
+                    # p = v + e, v = g + μ m (Nesterov) or m; evaluated as (e + g) + μ·m, the package's
+                    # order, so both round alike (last bits decide signs of near-zero elements)
+                    p = eb[i].add(g[i]).add(mb[i], alpha=momentum) if nesterov else eb[i] + mb[i]
                     d = torch.cat([sign_c(p[lo:hi], cuts) for lo, hi, cuts in plan])
                     eb[i] = p - d
                     deltas.append(d)
@@ -91,7 +91,7 @@ def simulate_dist_ef_sgdm(init: dict, grad_fn, world_size: int, steps: int, layo
                 for r, (lo, hi, cuts) in enumerate(plan):
                     pbar = torch.zeros(hi - lo)
                     for j in range(n):
-                        pbar = pbar + deltas[j][lo:hi] * (1.0 / n)
+                        pbar = pbar.add(deltas[j][lo:hi], alpha=1.0 / n)   # the package's rounding
                     pbar = pbar + esb[r]
                     d = sign_c(pbar, cuts)
                     esb[r] = pbar - d

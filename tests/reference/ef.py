@@ -1,4 +1,4 @@
-"""Reference error feedback, W workers in one process (ALGORITHMS.md §2).
+"""Reference error feedback, W workers in one process (docs/algorithms.md §2).
 
 Per bucket b and rank i, residual e (fp32, zero at start):
     p_i = g_i + e_i ;  Δ_i = C(p_i) ;  e_i = p_i − Δ_i ;  every rank applies avg_j Δ_j

@@ -1,4 +1,4 @@
-"""Shared masks and compressors, re-implemented from the brief's definition (ALGORITHMS.md §1).
+"""Shared masks and compressors, re-implemented from the brief's definition (docs/algorithms.md §1).
 
 Independent of ``cser_hooks``: the mask of ``random_block`` is rebuilt here from the written
 definition (blake2b seed of ``"{seed}|{step}|{key}|{salt}"``, ``torch.randperm`` of the blocks),

@@ -1,4 +1,4 @@
-"""Reference QPRSGD, W workers in one process (ALGORITHMS.md §4 as read in cser_hooks' module
+"""Reference QPRSGD, W workers in one process (docs/algorithms.md §4 as read in cser_hooks' module
 docstring; no code shared with cser_hooks).
 
 Rounds end after the optimizer step of steps s >= warmup with (s + 1) % K == 0; Q's stochastic

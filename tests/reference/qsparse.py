@@ -1,7 +1,7 @@
-"""Reference Qsparse-local-SGD, W workers in one process (ALGORITHMS.md §7; no code shared with cser_hooks).
+"""Reference Qsparse-local-SGD, W workers in one process (docs/algorithms.md §7; no code shared with cser_hooks).
 
 Also the dense reference quantizers used by the QPRSGD reference:
-  * qsgd(s, block, scale): blocks of ``block`` values, norm ν_B = ‖v_B‖₂, r = |v|·(s/ν_B),
+  * qsgd(s, block, scale): blocks of ``block`` values, norm ν_B = ‖v_B‖₂ (float64, rounded to fp32), r = |v|·(s/ν_B),
     level = ⌊r⌋ + [u < r − ⌊r⌋] (clamped to s), Q(v) = sign(v)·level·ν_B·(scale/s) with sign(0) = +1.
     u ~ U[0,1) from ``torch.rand(len(v), generator)`` seeded with blake2b("{seed}|{step}|{key}|{salt}|
     rank{rank}") (the brief's seed rule plus the rank: QSGD's rounding is independent across ranks).
@@ -49,10 +49,19 @@ def average_divide_first(vectors):
 
 
 def block_l1(v: torch.Tensor, cuts: list[int]) -> torch.Tensor:
-    """Σ|v| per block [cuts[k], cuts[k+1]), summed left to right (torch.segment_reduce), so that the
-    scales round like the package's and last-bit differences do not move a top-k boundary."""
-    lengths = torch.tensor([b - a for a, b in zip(cuts, cuts[1:])])
-    return torch.segment_reduce(v.abs(), "sum", lengths=lengths)
+    """Σ|v| per block [cuts[k], cuts[k+1]) in float64 (the statistic the brief's scale needs, summed
+    exactly enough that any summation order rounds to the same fp32 scale)."""
+    return torch.stack([v[a:b].double().abs().sum() for a, b in zip(cuts, cuts[1:])])
+
+
+def sign_scale(v: torch.Tensor) -> torch.Tensor:
+    """fp32 scale Σ|v|/len of one block: sum and division in float64, one rounding to fp32."""
+    return (block_l1(v, [0, v.numel()])[0] / v.numel()).float()
+
+
+def l2_norm(v: torch.Tensor) -> torch.Tensor:
+    """‖v‖₂ in float64, rounded once to fp32."""
+    return v.double().norm().float()
 
 
 def rank_uniforms(n: int, seed: int, step: int, key, salt: str, rank: int) -> torch.Tensor:
@@ -66,7 +75,7 @@ def qsgd(v: torch.Tensor, s: int, block: int, scale: float, u: torch.Tensor) -> 
     out = torch.zeros_like(v)
     for a in range(0, v.numel(), block):
         seg = v[a:a + block]
-        nu = seg.norm()
+        nu = l2_norm(seg)
         if nu == 0:
             continue
         r = seg.abs() * (s / nu)
@@ -110,7 +119,7 @@ class QComp:
         if q is None:
             d = vals
         elif q[0] == "sign":
-            sc = block_l1(vals, [0, vals.numel()])[0] / vals.numel()
+            sc = sign_scale(vals)
             d = torch.where(vals >= 0, sc, -sc)
         else:
             u = rank_uniforms(vals.numel(), self.seed, step, key, self.salt, rank)
