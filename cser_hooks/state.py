@@ -22,6 +22,7 @@ import torch
 from .comm import Communicator
 from .compressors import MaskKey
 from .compressors.per_tensor import PerTensor
+from .knobs import integer_knob
 
 
 @dataclass
@@ -72,11 +73,9 @@ class AlgorithmState:
 
     def __init__(self, comm: Communicator, *, seed: int = 0, warmup_steps: int = 1, optimizer=None,
                  check_finite: bool = True, named_parameters=None):
-        if warmup_steps < 0:
-            raise ValueError("warmup_steps must be >= 0")
         self.comm = comm
-        self.seed = int(seed)
-        self.warmup_steps = int(warmup_steps)
+        self.seed = integer_knob(type(self).__name__, "seed", seed)
+        self.warmup_steps = integer_knob(type(self).__name__, "warmup_steps", warmup_steps, 0)
         self.check_finite = bool(check_finite)
         self.step = 0
         self.buffers: dict[Any, dict[str, torch.Tensor]] = {}
@@ -209,9 +208,10 @@ class AlgorithmState:
     def raise_if_nonfinite(self, flag_value: float, ctx: StepContext) -> None:
         if flag_value != 0:
             raise FloatingPointError(
-                f"cser_hooks: non-finite gradient (NaN/Inf) on {int(flag_value)} rank(s) at step {ctx.step}, key "
-                f"{ctx.key!r}. Nothing was applied to the residuals' future use; lower the learning rate, clip "
-                f"gradients, or use torch.amp.GradScaler (which skips such steps) before the hook.")
+                f"cser_hooks: non-finite gradient (NaN/Inf) on {int(flag_value)} rank(s) at step {ctx.step}, bucket "
+                f"{ctx.key!r} ({type(self).__name__}); every rank raises this together. Lower the learning rate or "
+                f"clip the gradients; with fp16 autocast and a GradScaler, overflow steps are not skipped by the "
+                f"hook yet: train in bf16 or fp32.")
 
     def check_flag(self, flag: torch.Tensor, ctx: StepContext) -> None:
         """Raise on all ranks when the summed flag is non-zero; deferred one step on CUDA (no sync)."""

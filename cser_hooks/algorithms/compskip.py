@@ -22,6 +22,7 @@ from collections.abc import Iterable
 import torch
 
 from ..compressors import get_compressor
+from ..knobs import integer_knob
 from ..state import AlgorithmState, Exchange, StepContext
 from .compressed_average import decode_average, encode_with_feedback
 
@@ -43,13 +44,12 @@ class CompSkip(AlgorithmState):
             raise ValueError("CompSkip: give exactly one schedule: send_every=k, send_steps=[...] or adaptive=tau")
         if not any(given):
             send_every = 2
-        if send_every is not None and int(send_every) < 1:
-            raise ValueError(f"CompSkip: send_every must be >= 1, got {send_every}")
         self.compressor = get_compressor(compressor)
-        self.send_every = None if send_every is None else int(send_every)
-        self.send_steps = None if send_steps is None else frozenset(int(s) for s in send_steps)
+        self.send_every = None if send_every is None else integer_knob("CompSkip", "send_every", send_every, 1)
+        self.send_steps = (None if send_steps is None else
+                           frozenset(integer_knob("CompSkip", "send_steps entry", s, 0) for s in send_steps))
         self.adaptive = None if adaptive is None else float(adaptive)
-        self.max_skips = int(max_skips)
+        self.max_skips = integer_knob("CompSkip", "max_skips", max_skips, 1)
         self._skips = {}
         super().__init__(comm, **kw)
 

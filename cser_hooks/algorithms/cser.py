@@ -48,6 +48,7 @@ import torch
 
 from ..compressors import get_compressor
 from ..exchange import average_into, exchange_for, layout_of
+from ..knobs import integer_knob
 from ..state import AlgorithmState, Exchange, StepContext, nonfinite_flag
 from .dist_ef_sgdm import check_plain_sgd
 
@@ -94,14 +95,12 @@ class CSER(AlgorithmState):
         if not self.c2.linear or self.c2.name in ("fp16", "bf16", "zero"):
             raise ValueError(f"CSER: c2 must be 'identity' or a shared-mask sparsifier (random_block/random_k), "
                              f"got {self.c2.spec()!r}: the reset averages the selected parameter blocks.")
-        if int(period) < 1:
-            raise ValueError(f"CSER: period (H) must be >= 1, got {period}")
         if not 0.0 <= float(momentum) < 1.0:
             raise ValueError(f"CSER: momentum (M-CSER's β) must be in [0, 1), got {momentum}")
         if nesterov and float(momentum) == 0.0:
             raise ValueError("CSER: nesterov=True needs momentum > 0 (M-CSER); for the optimizer's own Nesterov "
                              "momentum pass it to the optimizer and keep the state's momentum=0")
-        self.period = int(period)
+        self.period = integer_knob("CSER", "period (H)", period, 1)
         self.momentum = float(momentum)
         self.nesterov = bool(nesterov)
         self.params: dict[object, tuple] = {}

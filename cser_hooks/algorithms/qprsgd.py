@@ -45,6 +45,7 @@ import torch
 
 from ..compressors import get_compressor
 from ..exchange import layout_of, unpack
+from ..knobs import integer_knob
 from ..state import StepContext, nonfinite_flag
 from .qsparse import ModelSync, flat_params, pack_payload, write_params
 
@@ -77,8 +78,7 @@ class QPRSGD(ModelSync):
                  gamma: float = 1.0, **kw):
         if mode not in ("allreduce", "gossip"):
             raise ValueError(f"QPRSGD: mode must be 'allreduce' or 'gossip', got {mode!r}")
-        if int(period) < 1:
-            raise ValueError(f"QPRSGD: period (K) must be >= 1, got {period}")
+        period = integer_knob("QPRSGD", "period (K)", period, 1)
         if not 0.0 < float(gamma) <= 1.0:
             raise ValueError(f"QPRSGD: gamma must be in (0, 1], got {gamma}")
         self.compressor = get_compressor(compressor)

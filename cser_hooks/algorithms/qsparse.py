@@ -39,6 +39,7 @@ import torch
 
 from ..compressors import get_compressor
 from ..exchange import layout_of, unpack
+from ..knobs import integer_knob
 from ..state import AlgorithmState, Exchange, StepContext, nonfinite_flag
 
 
@@ -156,11 +157,13 @@ class QsparseLocalSGD(ModelSync):
                 lists = [lists] * n
             if len(lists) != n:
                 raise ValueError(f"Qsparse: sync_steps needs one list per rank ({n}), got {len(lists)}")
-            self.sync_steps = [frozenset(int(s) for s in lst) for lst in lists]
+            self.sync_steps = [frozenset(integer_knob("Qsparse", "sync_steps entry", s, 0) for s in lst)
+                               for lst in lists]
             self.period = None
         else:
-            per = [int(period)] * n if isinstance(period, int) else [int(h) for h in period]
-            if len(per) != n or min(per) < 1:
+            hs = list(period) if isinstance(period, (list, tuple)) else [period] * n
+            per = [integer_knob("Qsparse", "period (H)", h, 1) for h in hs]
+            if len(per) != n:
                 raise ValueError(f"Qsparse: period must be an int >= 1 or one per rank ({n} ranks), got {period}")
             self.period, self.sync_steps = per, None
         self._layouts: dict = {}

@@ -7,6 +7,7 @@ Parameters are ``name=value`` pairs; fractions like ``1/64`` are accepted for ra
 """
 from __future__ import annotations
 
+import inspect
 from fractions import Fraction
 
 import torch
@@ -75,6 +76,16 @@ def get_compressor(spec: str | Compressor) -> Compressor:
         except (ValueError, ZeroDivisionError):
             raise ValueError(f"compressor {spec!r}: parameter {k.strip()}={v.strip()!r} is not a number "
                              f"(e.g. 0.01 or 1/64)") from None
+    options = inspect.signature(REGISTRY[name]).parameters
+    takes = f"{name} takes " + (", ".join(f"{o}=" for o in options) if options else "no options")
+    unknown = sorted(set(kwargs) - set(options))
+    if unknown:
+        raise ValueError(f"compressor {spec!r}: unknown option{'s' if len(unknown) > 1 else ''} "
+                         f"{', '.join(unknown)}; {takes}")
+    missing = [o for o, p in options.items() if p.default is p.empty and o not in kwargs]
+    if missing:
+        raise ValueError(f"compressor {spec!r}: needs {', '.join(f'{o}=...' for o in missing)}; {takes} "
+                         f"(e.g. '{name}:{missing[0]}=1/64')")
     try:
         return REGISTRY[name](**kwargs)
     except (TypeError, ValueError) as e:
