@@ -104,7 +104,6 @@ RUN pip install "numba==${NUMBA_VERSION}" "numba-cuda[${NUMBA_CUDA_EXTRA}]==${NU
         "nvidia-nvvm==${NVVM_VERSION}" "${CUPY_PACKAGE}==${CUPY_VERSION}"
 COPY setup.py README.md /src/
 COPY cser_hooks /src/cser_hooks
-COPY kernels /src/kernels
 RUN pip install "/src[${CSER_EXTRAS}]" \
  && python -c "import torch, horovod, numba_cuda, cupy, cser_hooks; \
         assert torch.__version__.startswith('${TORCH_VERSION}+'), torch.__version__; \

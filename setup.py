@@ -1,7 +1,6 @@
 """cser_hooks: communication-efficient data-parallel training for PyTorch DDP and Horovod.
 
-The GPU kernels live in the top-level ``kernels/`` folder of the repository and install as the
-subpackage ``cser_hooks.kernels`` (mapped through ``package_dir``).
+The Numba CPU and CUDA kernels are the subpackage ``cser_hooks.kernels`` (``cser_hooks/kernels/``).
 """
 from setuptools import setup
 
@@ -25,7 +24,6 @@ setup(
         "cser_hooks.bench",
         "cser_hooks.kernels",
     ],
-    package_dir={"cser_hooks.kernels": "kernels"},
     install_requires=["torch>=2.1", NUMBA, "numpy"],
     extras_require={
         "cpu": [TORCH],

@@ -1,7 +1,7 @@
 """A tiny Numba CUDA kernel for the test foundation's own checks (tests/test_harness.py).
 
 Imported only inside tests: importing numba.cuda decides between the real target and the simulator
-(NUMBA_ENABLE_CUDASIM, see tests/conftest.py). The project's real kernels live in kernels/.
+(NUMBA_ENABLE_CUDASIM, see tests/conftest.py). The project's real kernels live in cser_hooks/kernels/.
 """
 from numba import cuda, float32
 

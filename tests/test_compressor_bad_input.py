@@ -119,7 +119,7 @@ def test_empty_tensor_round_trips(spec, dtype):
     holding no NaN, and error feedback that leaves the empty tensor alone. Regression guards: scaled
     random_block / random_k (ZeroDivisionError in the scale for k = 0); sign_blockwise:block=64 (float32
     block lengths broke repeat_interleave in decompress); sign_blockwise alone and after top_k (the empty
-    block's scale was 0/0 = NaN on the wire; kernels/__init__.py specifies 0)."""
+    block's scale was 0/0 = NaN on the wire; cser_hooks/kernels/__init__.py specifies 0)."""
     c = get_compressor(spec)
     x = torch.zeros(0, dtype=dtype)
     payload = c.compress(x, MK)

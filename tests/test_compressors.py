@@ -513,7 +513,7 @@ def test_decompress_add_accumulates(case):
 
 
 def test_top_k_ties_go_to_the_lower_index():
-    """top_k.py and kernels/__init__.py document ties broken toward the lower index. Regression guard:
+    """top_k.py and cser_hooks/kernels/__init__.py document ties broken toward the lower index. Regression guard:
     torch.topk(sorted=False) alone picked [3, 4, 5] here (ties are frequent in bf16/fp16 gradients)."""
     c = get_compressor("top_k:ratio=1/2")
     _, idx = c.compress(torch.tensor([1.0, 3.0, 2.0, 3.0, 3.0, -3.0]), MK)

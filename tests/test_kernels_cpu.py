@@ -1,7 +1,7 @@
 """CPU kernels of cser_hooks.kernels against plain-torch references (docs/algorithms.md §1-2).
 
 The references below are written from the wire-format definitions only (they share no code with
-kernels/); tests/test_kernels_cudasim.py reuses them for the CUDA kernels. Payload bits, levels,
+cser_hooks/kernels/); tests/test_kernels_cudasim.py reuses them for the CUDA kernels. Payload bits, levels,
 indices, residuals and decompressed values must match exactly. Scales and norms are fp32 sums whose
 order is the kernel's (vectorised on CPU, tree-shaped on GPU), so on random floats they are held to
 the order-independent bound (m + 2) * 2^-24 relative to float64 (m terms), and the exact checks of

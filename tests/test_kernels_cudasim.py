@@ -4,10 +4,10 @@ plain-torch references of tests/test_kernels_cpu.py (docs/algorithms.md §1-2).
 Run in its own process: ``pytest -m cudasim`` (tests/conftest.py sets NUMBA_ENABLE_CUDASIM=1 before
 numba is imported; in a normal pytest process these tests are skipped with that instruction).
 
-The launchers in ``kernels/cuda_*.py`` take any arrays the kernels accept, so the tests hand them
+The launchers in ``cser_hooks/kernels/cuda_*.py`` take any arrays the kernels accept, so the tests hand them
 NumPy arrays (the simulator copies them in and out of its fake device) and the simulator's device
 arrays for scratch. float16 / bfloat16 tensors reach the kernels as ``uint16`` / ``int16`` bit views
-(``kernels/_views.py``) on a real GPU too, so the simulator runs exactly the GPU code path for them;
+(``cser_hooks/kernels/_views.py``) on a real GPU too, so the simulator runs exactly the GPU code path for them;
 no bfloat16 array type is needed. The simulator runs one Python thread per CUDA thread, so blocks
 are small (16-32 threads), grids are capped (grid-stride loops) and the largest size runs only
 where a kernel does little work per element; tiles are small enough that segments cross tiles.

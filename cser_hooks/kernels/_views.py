@@ -1,8 +1,8 @@
 """How torch tensors reach the kernels: dtype kinds, bit views and argument checks.
 
 CPU tensors become zero-copy NumPy views (``Tensor.numpy()``); CUDA tensors become Numba device
-arrays through ``__cuda_array_interface__`` (``kernels/cuda_launch.py``). float16 / bfloat16 go as
-their ``uint16`` / ``int16`` bit patterns (see ``kernels/_scalar.py``), which both paths and the
+arrays through ``__cuda_array_interface__`` (``cuda_launch.py``). float16 / bfloat16 go as
+their ``uint16`` / ``int16`` bit patterns (see ``_scalar.py``), which both paths and the
 CUDA simulator handle alike.
 """
 from __future__ import annotations

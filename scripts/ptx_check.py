@@ -1,6 +1,6 @@
 """Compile every CUDA kernel of cser_hooks.kernels to PTX for a given compute capability, without a GPU.
 
-    python -m cser_hooks.kernels.ptx_check --cc 9.0 --out DIR [--all]
+    python scripts/ptx_check.py --cc 9.0 --out DIR [--all]
 
 writes one ``<kernel>[<variant>].ptx`` per kernel specialisation into DIR (tests/test_kernels_ptx.py
 assembles them with ``ptxas -v`` and checks registers and spills). Without ``--all`` each kernel is
@@ -11,6 +11,10 @@ numba-cuda 0.30 compiles a *device* function for the compute capability of the c
 GPU that lookup fails. :func:`target_device` stands in a device of the requested capability for
 the duration of the compilation, so device functions are built for the same target as the kernel.
 Run one capability per process: device functions are cached per argument types, not per target.
+
+A development tool, not part of the installed package: it imports ``cser_hooks.kernels`` from the
+checkout it sits in when run as a script (the repository root goes first on ``sys.path``), installed
+or not; tests/test_kernels_ptx.py also loads it as a module for :func:`kernel_specs`.
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ import argparse
 import contextlib
 import sys
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @contextlib.contextmanager
@@ -40,7 +46,7 @@ def kernel_specs(full: bool = False):
     """[(name, variant, python function, argument types)] of every kernel."""
     from numba import types as nt
 
-    from . import cuda_bits, cuda_blocks, cuda_qsgd, cuda_segments, cuda_sign, cuda_topk
+    from cser_hooks.kernels import cuda_bits, cuda_blocks, cuda_qsgd, cuda_segments, cuda_sign, cuda_topk
 
     def arr(t):
         return nt.Array(t, 1, "C")
@@ -111,4 +117,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))  # this checkout's cser_hooks, installed or not
     sys.exit(main())

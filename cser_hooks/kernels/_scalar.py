@@ -7,7 +7,7 @@ scalars, so every operation here is written to mean the same in NumPy and in Num
 ``np.int64`` / ``np.float32`` casts, no integer overflow, no float64 intermediates except the
 block statistics' accumulators (:func:`finish_stat`), which are float64 on every target.
 
-Dtype *kinds* (how a tensor reaches a kernel; see ``kernels/_views.py``):
+Dtype *kinds* (how a tensor reaches a kernel; see ``_views.py``):
 
 * ``K_F32`` float32 array, ``K_F64`` float64 array (native),
 * ``K_F16`` float16 passed as its ``uint16`` bit pattern, ``K_BF16`` bfloat16 passed as ``int16``.

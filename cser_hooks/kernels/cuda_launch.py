@@ -1,7 +1,7 @@
 """CUDA plumbing: the lazy ``numba.cuda`` import, the device-function decorator, launching on
 torch's current stream with torch-owned scratch.
 
-Importing this module imports ``numba.cuda``; ``kernels/__init__.py`` does so only when a CUDA
+Importing this module imports ``numba.cuda``; ``_runtime.py`` does so only when a CUDA
 tensor arrives, so CPU users never need the CUDA toolkit. Under ``NUMBA_ENABLE_CUDASIM=1`` the same
 kernels run in Numba's simulator (plain Python threads, NumPy arrays): launchers take any arrays
 the kernels accept, so tests call them with NumPy arrays and the simulator's ``device_array``.
