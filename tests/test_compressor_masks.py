@@ -2,7 +2,7 @@
 
 random_block / random_k select the same blocks on every rank from (seed, step, bucket key, salt) alone,
 so avg_j C(x_j) is an allreduce of the payloads; the team brief fixes that mask (blake2b seed, randperm),
-re-implemented in test_compressors.ref_blocks. QSGD's stochastic rounding must instead be independent
+re-implemented in tests/reference/masks.py (ref_blocks). QSGD's stochastic rounding must instead be independent
 across ranks and reproducible for the same (seed, step, key, rank) (a resumed job redraws the same bits).
 
 Checked in one process (every key field matters, rank does not) and on 4 real gloo ranks (same masks on
@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from cser_hooks.compressors import MaskKey, get_compressor
 from harness import run_ranks
-from test_compressors import ref_blocks
+from reference.masks import ref_blocks
 
 WORLD = 4
 # (spec, ratio, block, numel): the brief's sizes, a short tail block, random_k

@@ -27,7 +27,6 @@ Tolerances (stated once, used everywhere):
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import numpy as np
@@ -35,6 +34,7 @@ import pytest
 import torch
 
 from cser_hooks.compressors import REGISTRY, Compressor, MaskKey, get_compressor
+from reference.masks import ref_blocks, ref_generator
 
 SIZES = (1, 7, 1023, 65539)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -48,20 +48,7 @@ MK = MaskKey(seed=3, step=11, key=2, salt="c1", rank=1)
 # plain references of docs/algorithms.md §1 (nothing imported from cser_hooks)
 
 
-def ref_generator(mk: MaskKey, per_rank: bool = False) -> torch.Generator:
-    """The brief's seed: blake2b-64 of "seed|step|key|salt" (QSGD: + "|rank{r}"), low 63 bits."""
-    text = f"{mk.seed}|{mk.step}|{mk.key}|{mk.salt}" + (f"|rank{mk.rank}" if per_rank else "")
-    seed = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") & (2**63 - 1)
-    g = torch.Generator(device="cpu")
-    g.manual_seed(seed)
-    return g
-
-
-def ref_blocks(numel: int, ratio: float, block: int, mk: MaskKey) -> tuple[int, torch.Tensor]:
-    """(nblocks, sorted selected block indices) of the shared mask (team brief)."""
-    nblocks = math.ceil(numel / block)
-    k = min(nblocks, math.ceil(ratio * numel / block))
-    return nblocks, torch.randperm(nblocks, generator=ref_generator(mk))[:k].sort().values
+# the shared-mask generator and block draw (ref_generator, ref_blocks): tests/reference/masks.py
 
 
 def pack_bits(flags) -> np.ndarray:

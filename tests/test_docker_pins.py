@@ -3,9 +3,9 @@
 The Dockerfile keeps every version in a global ``ARG NAME=value``. These tests read those values, the
 requirement strings of setup.py (parsed with ``ast``, setup.py is never run) and HOROVOD_VERSION of
 scripts/install_horovod.sh, and check that they describe one consistent stack: the same Horovod
-everywhere, the setup.py "gpu" pins of numba-cuda / NVVM / CuPy, and one CUDA major.minor for the base
-image, the torch wheel index, NVVM, numba-cuda's extra and the CuPy package. No version number is
-written in this file; only the names of the pins are.
+everywhere, the setup.py "gpu" pins of numba-cuda / NVVM, and one CUDA major.minor for the base
+image, the torch wheel index, NVVM and numba-cuda's extra. No version number is written in this file;
+only the names of the pins are.
 """
 from __future__ import annotations
 
@@ -160,7 +160,7 @@ def test_parsers_read_what_they_claim():
 def test_every_pin_is_declared(args):
     needed = {"CUDA_VERSION", "UBUNTU_VERSION", "PYTHON_VERSION", "TORCH_VERSION", "TORCH_CUDA",
               "HOROVOD_VERSION", "NUMBA_VERSION", "NUMBA_CUDA_VERSION", "NUMBA_CUDA_EXTRA", "NVVM_VERSION",
-              "CUPY_PACKAGE", "CUPY_VERSION", "CSER_EXTRAS", "HOROVOD_BUILD_CUDA_CC_LIST"}
+              "CSER_EXTRAS", "HOROVOD_BUILD_CUDA_CC_LIST"}
     missing = needed - set(args)
     assert not missing, f"Dockerfile lacks global ARGs {sorted(missing)}"
     assert all(v for v in args.values()), f"ARGs without a default: {[k for k, v in args.items() if not v]}"
@@ -191,9 +191,14 @@ def test_gpu_extra_pins_match_the_image(args, extras):
     assert numba_cuda.extras == {args["NUMBA_CUDA_EXTRA"]}, (
         f"setup.py asks numba-cuda{sorted(numba_cuda.extras)}, the image numba-cuda[{args['NUMBA_CUDA_EXTRA']}]")
     assert exact_version(pinned(extras, "nvidia-nvvm")) == args["NVVM_VERSION"]
-    cupy = pinned(extras, args["CUPY_PACKAGE"])
-    assert cupy.specifier.contains(args["CUPY_VERSION"]), f"{args['CUPY_PACKAGE']}=={args['CUPY_VERSION']} " \
-                                                          f"is outside setup.py's {cupy}"
+
+
+def test_no_cupy_anywhere(dockerfile_text, setup_py):
+    """cser_hooks never imports CuPy (its GPU path is the Numba CUDA kernels), so nothing installs it."""
+    in_extras = [f"{name}: {r}" for name in setup_py.kwargs["extras_require"]
+                 for r in setup_py.extra(name) if r.name.lower().startswith("cupy")]
+    assert not in_extras, f"setup.py extras require CuPy: {in_extras}"
+    assert not re.search(r"cupy", dockerfile_text, re.I), "the Dockerfile installs or mentions CuPy"
 
 
 def test_extras_do_not_pin_the_cpu_torch(extras):
@@ -217,7 +222,6 @@ def test_one_cuda_version_across_the_stack(args):
     assert major_minor(args["NVVM_VERSION"]) == (major, minor), \
         "NVVM must be the base image's CUDA major.minor (newer NVVM emits PTX the toolkit's ptxas rejects)"
     assert args["NUMBA_CUDA_EXTRA"] == f"cu{major}"
-    assert args["CUPY_PACKAGE"] == f"cupy-cuda{major}x"
 
 
 def test_base_images_use_the_pins(dockerfile_text):
@@ -229,7 +233,7 @@ def test_base_images_use_the_pins(dockerfile_text):
 def test_versioned_pip_installs_use_the_args(dockerfile_text, args):
     """Inside RUN lines, every pin of a pinned package comes from an ARG (no second copy of a version)."""
     runs = " ".join(s for s in dockerfile_instructions(dockerfile_text) if s.startswith("RUN"))
-    for name in ("TORCH_VERSION", "NUMBA_VERSION", "NUMBA_CUDA_VERSION", "NVVM_VERSION", "CUPY_VERSION"):
+    for name in ("TORCH_VERSION", "NUMBA_VERSION", "NUMBA_CUDA_VERSION", "NVVM_VERSION"):
         assert f"==${{{name}}}" in runs, f"no pip pin uses ${{{name}}}"
         assert f"=={args[name]}" not in runs, f"{name}'s value is hard-coded in a RUN line"
 

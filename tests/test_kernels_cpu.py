@@ -1,8 +1,9 @@
 """CPU kernels of cser_hooks.kernels against plain-torch references (docs/algorithms.md §1-2).
 
-The references below are written from the wire-format definitions only (they share no code with
-cser_hooks/kernels/); tests/test_kernels_cudasim.py reuses them for the CUDA kernels. Payload bits, levels,
-indices, residuals and decompressed values must match exactly. Scales and norms are fp32 sums whose
+The references (tests/reference/kernels.py) are written from the wire-format definitions only (they share
+no code with cser_hooks/kernels/); tests/test_kernels_cudasim.py checks the CUDA kernels against the same
+references on the same inputs (tests/kernel_cases.py). Payload bits, levels, indices, residuals and
+decompressed values must match exactly. Scales and norms are fp32 sums whose
 order is the kernel's (vectorised on CPU, tree-shaped on GPU), so on random floats they are held to
 the order-independent bound (m + 2) * 2^-24 relative to float64 (m terms), and the exact checks of
 everything downstream use the kernel's own statistics; on small-integer inputs every partial sum is
@@ -21,142 +22,24 @@ import torch
 
 import cser_hooks.kernels as K
 from cser_hooks.kernels import cpu_qsgd, cpu_segments, cpu_sign
+from kernel_cases import assert_stats, block_counts, make_input, make_offsets, sign_counts
+from reference.kernels import (
+    random_blocks,
+    ref_block_index,
+    ref_gather,
+    ref_nbits,
+    ref_pack,
+    ref_qsgd_dense,
+    ref_qsgd_levels,
+    ref_qsgd_norms,
+    ref_sign_dense,
+    ref_sign_stats,
+    ref_topk,
+)
 
 SIZES = (1, 7, 1023, 65539)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-U32 = 2.0**-24
-
-
-# ------------------------------------------------------------------------------------------------
-# plain-torch references (also used by test_kernels_cudasim.py)
-def ref_pack(codes: torch.Tensor, nbits: int = 1) -> np.ndarray:
-    """LSB-first packing: bit t of code i goes to global bit i*nbits + t."""
-    c = codes.to(torch.int64).numpy()
-    bits = ((c[:, None] >> np.arange(nbits)) & 1).astype(np.uint8).reshape(-1)
-    return np.packbits(bits, bitorder="little")
-
-
-def ref_segment_ids(offsets: torch.Tensor) -> torch.Tensor:
-    lens = offsets[1:] - offsets[:-1]
-    return torch.repeat_interleave(torch.arange(lens.numel()), lens)
-
-
-def ref_sign_stats(p: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """float64 mean |p| per segment (0 for empty segments)."""
-    lens = offsets[1:] - offsets[:-1]
-    sums = torch.zeros(lens.numel(), dtype=torch.float64).index_add_(0, ref_segment_ids(offsets),
-                                                                      p.double().abs())
-    return torch.where(lens > 0, sums / lens.clamp(min=1).double(), torch.zeros_like(sums))
-
-
-def ref_sign_dense(p: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """C(p) in float32 given the scales: scale_j * (+1 if p >= 0 else -1)."""
-    sc = scales[ref_segment_ids(offsets)]
-    return torch.where(p.float() >= 0, sc, -sc)
-
-
-def ref_qsgd_norms(p: torch.Tensor, block: int) -> torch.Tensor:
-    n = p.numel()
-    ids = torch.arange(n) // block
-    sq = torch.zeros((n + block - 1) // block, dtype=torch.float64).index_add_(0, ids, p.double() ** 2)
-    return sq.sqrt()
-
-
-def ref_qsgd_levels(p: torch.Tensor, u: torch.Tensor, s: int, block: int, norms: torch.Tensor) -> torch.Tensor:
-    """Levels given the (kernel's) fp32 norms, with the definition's fp32 operations."""
-    nrm = norms[torch.arange(p.numel()) // block]
-    sf = torch.tensor(float(s), dtype=torch.float32)
-    r = torch.where(nrm > 0, (sf * p.float().abs()) / nrm, torch.zeros_like(nrm))
-    fl = torch.floor(r)
-    lvl = fl + (u < r - fl).float()
-    return torch.minimum(lvl, sf)
-
-
-def ref_qsgd_dense(p_sign_src: torch.Tensor, levels: torch.Tensor, s: int, block: int,
-                   norms: torch.Tensor) -> torch.Tensor:
-    nrm = norms[torch.arange(levels.numel()) // block]
-    val = (nrm * levels) / torch.tensor(float(s), dtype=torch.float32)
-    return torch.where(p_sign_src >= 0, val, -val)
-
-
-def ref_nbits(s: int) -> int:
-    return next(b for b in (1, 2, 4, 8) if 2**b >= s + 1)
-
-
-def ref_gather(x: torch.Tensor, blocks: torch.Tensor, b: int) -> torch.Tensor:
-    n = x.numel()
-    pad = torch.zeros(((n + b - 1) // b) * b, dtype=x.dtype)
-    pad[:n] = x
-    return pad.view(-1, b)[blocks].reshape(-1)
-
-
-def ref_block_index(blocks: torch.Tensor, b: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positions in the tensor, positions in the payload) of the payload elements < n."""
-    pos = (blocks[:, None] * b + torch.arange(b)).reshape(-1)
-    keep = pos < n
-    return pos[keep], torch.arange(pos.numel())[keep]
-
-
-def ref_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """k largest |x|, ties to the lower index, indices ascending (stable sort, descending)."""
-    order = torch.sort(x.float().abs(), descending=True, stable=True).indices[:k]
-    idx = torch.sort(order).values
-    return x[idx], idx.to(torch.int32)
-
-
-def random_blocks(n: int, b: int, ratio: float, seed: int) -> torch.Tensor:
-    """The shared-mask draw of the team brief (random_block), from a plain generator."""
-    nblocks = (n + b - 1) // b
-    k = min(nblocks, -(-int(ratio * n) // b) if ratio * n >= 1 else 1)
-    g = torch.Generator().manual_seed(seed)
-    return torch.randperm(nblocks, generator=g)[:k].sort().values
-
-
-def make_offsets(n: int, how: str, seed: int = 0) -> torch.Tensor:
-    """Segment layouts: one block, fixed size, irregular with empty segments, single elements."""
-    g = torch.Generator().manual_seed(seed)
-    if how == "one":
-        return torch.tensor([0, n], dtype=torch.int64)
-    if how == "fixed":
-        b = max(1, min(100, n // 3 or 1))
-        return torch.tensor(list(range(0, n, b)) + [n], dtype=torch.int64)
-    if how == "ones":
-        return torch.arange(n + 1, dtype=torch.int64)
-    cuts = torch.randint(0, n + 1, (max(3, n // 500),), generator=g)
-    cuts = torch.cat([torch.tensor([0, 0, n, n]), cuts, torch.tensor([n // 2, n // 2])])
-    return cuts.sort().values.to(torch.int64)
-
-
-def make_input(n: int, dtype, seed: int, zeros: bool = True, integers: bool = False) -> torch.Tensor:
-    """Random values spanning a few decades (or small integers in [-8, 8], whose fp32 sums of |x|
-    and x^2 are exact in any order for n < 2^18), with +0, -0 and an all-zero stretch."""
-    g = torch.Generator().manual_seed(seed)
-    if integers:
-        x = torch.randint(-8, 9, (n,), generator=g).float()
-    else:
-        x = torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g))
-    if zeros and n > 4:
-        x[1] = 0.0
-        x[3] = -0.0
-        x[n // 2: n // 2 + min(40, n // 3)] = 0.0  # an all-zero stretch (zero scale / norm)
-    return x.to(dtype)
-
-
-def assert_stats(got: torch.Tensor, ref64: torch.Tensor, counts: torch.Tensor) -> None:
-    """fp32 statistics of ``counts`` terms each within (m + 2) u of the float64 reference."""
-    rtol = (counts.double() + 2) * U32
-    err = (got.double() - ref64).abs()
-    worst = float((err / ref64.abs()).nan_to_num().max()) if err.numel() else 0.0
-    assert bool(torch.all(err <= rtol * ref64.abs())), f"max rel err {worst:.3g}"
-
-
-def sign_counts(offsets: torch.Tensor) -> torch.Tensor:
-    return offsets[1:] - offsets[:-1]
-
-
-def block_counts(n: int, block: int) -> torch.Tensor:
-    return (torch.arange(0, n, block) + block).clamp(max=n) - torch.arange(0, n, block)
 
 
 # ------------------------------------------------------------------------------------------------

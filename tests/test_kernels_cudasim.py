@@ -1,5 +1,6 @@
 """Every Numba CUDA kernel of cser_hooks.kernels, run in Numba's CUDA simulator, against the
-plain-torch references of tests/test_kernels_cpu.py (docs/algorithms.md §1-2).
+plain-torch references of tests/reference/kernels.py (docs/algorithms.md §1-2), on the inputs of
+tests/kernel_cases.py (the CPU kernels' tests, tests/test_kernels_cpu.py, use the same).
 
 Run in its own process: ``pytest -m cudasim`` (tests/conftest.py sets NUMBA_ENABLE_CUDASIM=1 before
 numba is imported; in a normal pytest process these tests are skipped with that instruction).
@@ -18,11 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from test_kernels_cpu import (
-    assert_stats,
-    block_counts,
-    make_input,
-    make_offsets,
+from kernel_cases import assert_stats, block_counts, make_input, make_offsets, sign_counts
+from reference.kernels import (
     random_blocks,
     ref_block_index,
     ref_gather,
@@ -34,7 +32,6 @@ from test_kernels_cpu import (
     ref_sign_dense,
     ref_sign_stats,
     ref_topk,
-    sign_counts,
 )
 
 pytestmark = pytest.mark.cudasim

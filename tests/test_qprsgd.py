@@ -6,7 +6,7 @@ only the gossip rounds move the models. Checked: equality with ``tests/reference
 bytes; all-reduce rounds leave the replicas bitwise identical; gossip rounds leave them apart, keep
 the network average and shrink the consensus distance by about the ring's λ₂² = 1/9 per round; the
 carried quantization error stays within the bound of the module docstring. Driver:
-``test_dist_ef_sgdm.train_configs``.
+``driver_ddp_suites.train_configs``.
 """
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ import pytest
 import torch
 
 import ddp_workload as W
+from driver_ddp_suites import max_diff, per_step_bytes, register_suite, run_suite
 from reference.qprsgd import simulate_qprsgd
 from reference.qsparse import TorchWorld
 from reference.runner import layouts_from_record
-from test_dist_ef_sgdm import max_diff, per_step_bytes, register_suite, run_suite
 
 TOL = 1e-5
 STEPS = W.STEPS

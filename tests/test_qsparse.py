@@ -5,7 +5,7 @@ momentum, no optimizer given = one-step shift, many small buckets) and asynchron
 (per-rank periods, explicit per-rank step lists), 30 steps of the shared MLP workload, plus an
 asynchronous least-squares run whose distance to the optimum is checked. The reference
 (``tests/reference/qsparse.py``) shares no code with the package. The driver is
-``test_dist_ef_sgdm.train_configs``.
+``driver_ddp_suites.train_configs``.
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import ddp_workload as W
+from driver_ddp_suites import LSQ_DIM, lr_at, lsq_data, max_diff, per_step_bytes, register_suite, run_suite
 from reference.qsparse import TorchWorld, simulate_qsparse
 from reference.runner import layouts_from_record
-from test_dist_ef_sgdm import LSQ_DIM, lr_at, lsq_data, max_diff, per_step_bytes, register_suite, run_suite
 
 TOL = 1e-5
 STEPS = W.STEPS

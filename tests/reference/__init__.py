@@ -1,7 +1,8 @@
 """Single-process W-worker reference simulations of the DDP hooks (no code shared with cser_hooks).
 
 docs/algorithms.md §2 (EF), §3 (CSER and M-CSER), §5 (CompSkip); masks re-implemented from the shared-mask
-definition of the team brief (§1).
+definition of the team brief (§1). Also plain references without a simulation: ``kernels.py`` (the
+kernels' wire formats, §1-2).
 """
 from .common import Layout, World, allreduce_average, average
 from .compskip import simulate_compskip
