@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .progress import ProgressWatch
+
 Future = torch.futures.Future
 
 
@@ -32,6 +34,7 @@ class Communicator:
 
     rank: int = 0
     world_size: int = 1
+    label: str = ""   # what the next collectives are for ("step 5, bucket 0"), set by the front ends
 
     def __init__(self) -> None:
         self.bytes_sent = 0          # bytes handed to collectives since the last reset_counters()
@@ -97,9 +100,14 @@ class Communicator:
 
 
 class TorchDistCommunicator(Communicator):
-    """Collectives over a torch.distributed process group (gloo, NCCL, ...)."""
+    """Collectives over a torch.distributed process group (gloo, NCCL, ...).
 
-    def __init__(self, process_group=None):
+    ``progress_timeout``: seconds a collective may stay in flight before the process reports it and
+    exits (cser_hooks/progress.py); None (default) leaves it to the process group's timeout.
+    ``label`` names what the next collectives are for (set by the front end: step and bucket), for
+    that report and for the errors of a failed collective."""
+
+    def __init__(self, process_group=None, progress_timeout: float | None = None):
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialized: call dist.init_process_group(...) "
@@ -108,6 +116,26 @@ class TorchDistCommunicator(Communicator):
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
         self.backend = dist.get_backend(self.group)
+        self.label = "the first step"
+        self.watch = None if progress_timeout is None else ProgressWatch(progress_timeout, self.rank)
+        self._tokens: dict[float, int] = {}
+
+    def _count(self, tensors):
+        t0 = super()._count(tensors)
+        if self.watch is not None:
+            self._tokens[t0] = self.watch.begin(self.label)
+        return t0
+
+    def _end(self, t0: float) -> None:
+        self.comm_seconds += time.perf_counter() - t0
+        if self.watch is not None:
+            self.watch.end(self._tokens.pop(t0, -1))
+
+    def _timed(self, fut, t0, fn):
+        def done(f):
+            self._end(t0)
+            return fn(f.value())
+        return fut.then(done)
 
     def allreduce_sum_async(self, t):
         t0 = self._count([t])
@@ -116,7 +144,7 @@ class TorchDistCommunicator(Communicator):
 
     def allgather_async(self, t):
         if self.world_size == 1:
-            self._count([t])
+            self._end(self._count([t]))
             return completed([t])
         t0 = self._count([t])
         outs: list[torch.Tensor] = [torch.empty_like(t) for _ in range(self.world_size)]
@@ -128,14 +156,17 @@ class TorchDistCommunicator(Communicator):
             return t
         t0 = self._count([t])
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        self.comm_seconds += time.perf_counter() - t0
+        self._end(t0)
         return t
 
     def all_gather_object(self, obj):
         if self.world_size == 1:
             return [obj]
         out: list = [None] * self.world_size
+        t0 = self._count([])
         dist.all_gather_object(out, obj, group=self.group)
+        self._end(t0)
+        self.collectives -= 1  # the agreement check: not one of the algorithm's collectives
         return out
 
     def all_to_all_async(self, inputs, out_numels):
@@ -143,6 +174,7 @@ class TorchDistCommunicator(Communicator):
             raise ValueError(f"all_to_all needs one input and one output size per rank ({self.world_size})")
         t0 = self._count(inputs)
         if self.world_size == 1:
+            self._end(t0)
             return completed([inputs[0]])
         flat = torch.cat([t.reshape(-1) for t in inputs])
         return self._alltoallv(flat, [t.numel() for t in inputs], out_numels, t0)
@@ -173,10 +205,12 @@ class TorchDistCommunicator(Communicator):
         t0 = self._count([t for t, _ in sends])
         outs = [torch.empty(int(n), dtype=dt, device=(sends[0][0].device if sends else "cpu"))
                 for n, dt, _ in recvs]
-        works = [dist.irecv(o, src=self._global(r), group=self.group) for o, (_, _, r) in zip(outs, recvs)]
-        works += [dist.isend(t.reshape(-1), dst=self._global(r), group=self.group) for t, r in sends]
-        for w in works:
+        # one batch (sends first, then receives): NCCL runs a batch as one group call, so no ordering of
+        # the peers' posts can deadlock; gloo posts them one by one, which is deadlock-free too
+        ops = [dist.P2POp(dist.isend, t.reshape(-1), self._global(r), self.group) for t, r in sends]
+        ops += [dist.P2POp(dist.irecv, o, self._global(r), self.group) for o, (_, _, r) in zip(outs, recvs)]
+        for w in (dist.batch_isend_irecv(ops) if ops else []):
             w.wait()
-        self.comm_seconds += time.perf_counter() - t0
+        self._end(t0)
         return outs
 

@@ -43,24 +43,67 @@ def _segments(state: AlgorithmState, key, params) -> list:
 
 
 def run_hook(state: AlgorithmState, bucket: dist.GradBucket) -> torch.futures.Future:
-    """The generic DDP comm hook body shared by every algorithm's hook."""
+    """The generic DDP comm hook body shared by every algorithm's hook.
+
+    The algorithm always sees the state's canonical buckets (cser_hooks/bucket_layout.py): a DDP
+    bucket equal to one goes straight through; other layouts (a fresh DDP's first iteration after a
+    restart, another ``bucket_cap_mb``) are remapped, so results never depend on DDP's layout."""
     grad = bucket.buffer()
-    key = bucket.index()
+    layout = state.buckets
     try:
         params = bucket.parameters()
-        ctx = StepContext(key, state.step, grad.numel(), _segments(state, key, params), state.names_of(params))
+        pids = layout.ids_of(params, state.names_of(params))
+        if layout.checking:
+            layout.note_fingerprints(pids)
         if not state._agreed:
             state.check_agreement()
-        state.before_bucket(ctx, params)
         state.count_dense(grad)
-        if ctx.step < state.warmup_steps:
+        if state.step < state.warmup_steps:
+            state.comm.label = f"step {state.step} (warm-up), bucket {bucket.index()!r}"
             return state.comm.allreduce_mean_async(grad)
-        ex = state.encode(grad, ctx)
-        ctx.extra["exchange"] = ex
-        return launch(state.comm, ex).then(lambda fut: state.decode(grad, fut.value(), ctx))
+        key = bucket.index()
+        layout.observe(key, pids, params, state.step)
+        if layout.matches(key, pids):
+            return _run_key(state, key, grad, list(params))
+        return layout.remap(state.step, grad, pids,
+                            lambda k, flat: _run_key(state, k, flat, layout.key_params(k)))
     finally:
         if bucket.is_last():
+            _check_all_launched(state)
+            layout.verdict(state.comm)
+            layout.iterations += 1
             state.finish_step()
+
+
+def _run_key(state: AlgorithmState, key, grad: torch.Tensor, params: list) -> torch.futures.Future:
+    """One canonical bucket: model-side work, encode, launch (from the hook call), decode in the callback."""
+    ctx = StepContext(key, state.step, grad.numel(), _segments(state, key, params), state.names_of(params))
+    where = f"step {ctx.step}, bucket {key!r}"
+    state.comm.label = where
+    state.before_bucket(ctx, params)
+    ex = state.encode(grad, ctx)
+    ctx.extra["exchange"] = ex
+    try:
+        fut = launch(state.comm, ex)
+    except RuntimeError as e:
+        raise state.collective_failure(where, e) from e
+
+    def decoded(f):
+        try:
+            received = f.value()
+        except RuntimeError as e:
+            raise state.collective_failure(where, e) from e
+        return state.decode(grad, received, ctx)
+    return fut.then(decoded)
+
+
+def _check_all_launched(state: AlgorithmState) -> None:
+    left = state.buckets.unlaunched(state.step)
+    if left:
+        raise RuntimeError(
+            f"cser_hooks: rank {state.comm.rank}, step {state.step}: DDP reduced no gradient for some parameters of "
+            f"the state's buckets {left!r} (parameters unused in this forward?). Every parameter must get a "
+            f"gradient each step; with unused parameters pass find_unused_parameters=True to DDP.")
 
 
 def _checked(state, cls, hook_name) -> None:
@@ -75,7 +118,7 @@ class EFState(ErrorFeedback):
     __slots__ = ()
 
     def __init__(self, process_group=None, compressor="random_block:ratio=1/32", **kw):
-        super().__init__(TorchDistCommunicator(process_group), compressor, **kw)
+        super().__init__(TorchDistCommunicator(process_group, kw.pop("progress_timeout", None)), compressor, **kw)
 
 
 class CSERState(CSER):
@@ -84,7 +127,7 @@ class CSERState(CSER):
     __slots__ = ()
 
     def __init__(self, process_group=None, c1="random_block:ratio=1/64", c2="identity", period=16, **kw):
-        super().__init__(TorchDistCommunicator(process_group), c1, c2, period, **kw)
+        super().__init__(TorchDistCommunicator(process_group, kw.pop("progress_timeout", None)), c1, c2, period, **kw)
 
 
 class CompSkipState(CompSkip):
@@ -93,7 +136,7 @@ class CompSkipState(CompSkip):
     __slots__ = ()
 
     def __init__(self, process_group=None, compressor="random_block:ratio=1/16", **kw):
-        super().__init__(TorchDistCommunicator(process_group), compressor, **kw)
+        super().__init__(TorchDistCommunicator(process_group, kw.pop("progress_timeout", None)), compressor, **kw)
 
 
 def ef_hook(state: EFState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -120,7 +163,7 @@ class DistEFSGDMState(DistEFSGDM):
     __slots__ = ()
 
     def __init__(self, process_group=None, compressor="sign_blockwise", **kw):
-        super().__init__(TorchDistCommunicator(process_group), compressor, **kw)
+        super().__init__(TorchDistCommunicator(process_group, kw.pop("progress_timeout", None)), compressor, **kw)
 
 
 def dist_ef_sgdm_hook(state: DistEFSGDMState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -135,7 +178,7 @@ class QsparseLocalSGDState(QsparseLocalSGD):
     __slots__ = ()
 
     def __init__(self, process_group=None, compressor="top_k:ratio=1/64 + qsgd:s=15,scale=0.5", **kw):
-        super().__init__(TorchDistCommunicator(process_group), compressor, **kw)
+        super().__init__(TorchDistCommunicator(process_group, kw.pop("progress_timeout", None)), compressor, **kw)
 
 
 def qsparse_local_sgd_hook(state: QsparseLocalSGDState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -150,7 +193,7 @@ class QPRSGDState(QPRSGD):
     __slots__ = ()
 
     def __init__(self, process_group=None, compressor="qsgd:s=15,block=64", **kw):
-        super().__init__(TorchDistCommunicator(process_group), compressor, **kw)
+        super().__init__(TorchDistCommunicator(process_group, kw.pop("progress_timeout", None)), compressor, **kw)
 
 
 def qprsgd_hook(state: QPRSGDState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .bucket_layout import BucketLayout
 from .comm import Communicator
 from .compressors import MaskKey
 from .compressors.per_tensor import PerTensor
@@ -68,15 +69,28 @@ class AlgorithmState:
     algorithm = "base"
     __slots__ = ("comm", "seed", "warmup_steps", "check_finite", "step", "buffers", "optimizer",
                  "_agreed", "_loaded", "_pending_flag", "_bytes_total", "_bytes_last", "_dense_last",
-                 "_dense_acc", "_dense_total", "_steps_counted", "_compress_seconds", "_comm_seconds",
-                 "_hook_handle", "param_names", "_per_tensor", "seg_cache", "_lr_of", "__weakref__")
+                 "_dense_acc", "_dense_total", "_steps_counted", "_coll_last", "_coll_total", "_compress_seconds",
+                 "_comm_seconds",
+                 "_hook_handle", "param_names", "_per_tensor", "seg_cache", "_lr_of", "buckets", "__weakref__")
 
     def __init__(self, comm: Communicator, *, seed: int = 0, warmup_steps: int = 1, optimizer=None,
                  check_finite: bool = True, named_parameters=None):
         self.comm = comm
         self.seed = integer_knob(type(self).__name__, "seed", seed)
         self.warmup_steps = integer_knob(type(self).__name__, "warmup_steps", warmup_steps, 0)
+        who = type(self).__name__
+        if check_finite not in (True, False):  # bool("no") is True
+            raise ValueError(f"{who}: check_finite must be True or False, got {check_finite!r}")
         self.check_finite = bool(check_finite)
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"{who}: optimizer must be a torch.optim.Optimizer (the one whose step() follows the "
+                            f"backward) or None, got {type(optimizer).__name__}")
+        if named_parameters is not None:
+            named_parameters = list(named_parameters)
+            if not all(isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+                       and isinstance(item[1], torch.Tensor) for item in named_parameters):
+                raise ValueError(f"{who}: named_parameters must be model.named_parameters() ((name, parameter) "
+                                 f"pairs), not model.parameters()")
         self.step = 0
         self.buffers: dict[Any, dict[str, torch.Tensor]] = {}
         self._agreed = False
@@ -84,6 +98,7 @@ class AlgorithmState:
         self._pending_flag = None
         self._bytes_total = self._bytes_last = self._dense_last = self._dense_acc = self._dense_total = 0
         self._steps_counted = 0
+        self._coll_last = self._coll_total = 0
         self._compress_seconds = self._comm_seconds = 0.0
         self._hook_handle = None
         # per-tensor mode: masks keyed by parameter name (docs/algorithms.md §3 last paragraph; makes the
@@ -92,6 +107,7 @@ class AlgorithmState:
         self._per_tensor = {}
         self.seg_cache: dict[Any, list] = {}  # key -> element offsets of its tensors (front end fills it)
         self._lr_of: dict[Any, float] = {}  # key -> lr of its last compressed step (saved: resume rescales right)
+        self.buckets = BucketLayout()  # the DDP front end's canonical buckets (saved: resume is layout-independent)
         self.optimizer = None
         if optimizer is not None:
             self.attach_optimizer(optimizer)
@@ -141,7 +157,27 @@ class AlgorithmState:
         if self._hook_handle is not None:
             self._hook_handle.remove()
         self.optimizer = optimizer
-        self._hook_handle = optimizer.register_step_post_hook(lambda opt, args, kwargs: self.after_optimizer_step())
+        self._hook_handle = optimizer.register_step_post_hook(lambda opt, args, kwargs: self._post_step())
+
+    def _post_step(self) -> None:
+        where = f"step {self.step - 1}, after optimizer.step() (model synchronization)"
+        self.comm.label = where
+        try:
+            self.after_optimizer_step()
+        except RuntimeError as e:
+            if str(e).startswith("cser_hooks"):
+                raise
+            raise self.collective_failure(where, e) from e
+
+    def collective_failure(self, where: str, err: BaseException) -> RuntimeError:
+        """The error a user sees when a collective fails: who, when, the likely cause, then the backend's text."""
+        if str(err).startswith("cser_hooks"):
+            return err if isinstance(err, RuntimeError) else RuntimeError(str(err))
+        backend = " ".join(str(err).replace("Got the following error when running the callback: ", "").split())[:400]
+        return RuntimeError(
+            f"cser_hooks: rank {self.comm.rank} of {self.comm.world_size}, {where} ({type(self).__name__}): a "
+            f"collective failed. Most likely another rank exited (crashed, killed, out of memory) or lost its "
+            f"connection: the first error is in that rank's log. Backend said: {backend}")
 
     def mask_key(self, ctx: StepContext, salt: str = "c1", step: int | None = None) -> MaskKey:
         return MaskKey(self.seed, ctx.step if step is None else step, ctx.key, salt, self.comm.rank)
@@ -208,10 +244,10 @@ class AlgorithmState:
     def raise_if_nonfinite(self, flag_value: float, ctx: StepContext) -> None:
         if flag_value != 0:
             raise FloatingPointError(
-                f"cser_hooks: non-finite gradient (NaN/Inf) on {int(flag_value)} rank(s) at step {ctx.step}, bucket "
-                f"{ctx.key!r} ({type(self).__name__}); every rank raises this together. Lower the learning rate or "
-                f"clip the gradients; with fp16 autocast and a GradScaler, overflow steps are not skipped by the "
-                f"hook yet: train in bf16 or fp32.")
+                f"cser_hooks: rank {self.comm.rank}: non-finite gradient (NaN/Inf) on {int(flag_value)} rank(s) at "
+                f"step {ctx.step}, bucket {ctx.key!r} ({type(self).__name__}); every rank raises this together. "
+                f"Lower the learning rate or clip the gradients; with fp16 autocast and a GradScaler, overflow steps "
+                f"are not skipped by the hook yet: train in bf16 or fp32.")
 
     def check_flag(self, flag: torch.Tensor, ctx: StepContext) -> None:
         """Raise on all ranks when the summed flag is non-zero; deferred one step on CUDA (no sync)."""
@@ -231,6 +267,8 @@ class AlgorithmState:
     def finish_step(self) -> None:
         """Advance the step counter (DDP: on bucket.is_last()) and close this step's counters."""
         self._bytes_last = self.comm.bytes_sent
+        self._coll_last = self.comm.collectives
+        self._coll_total += self._coll_last
         self._comm_seconds += self.comm.comm_seconds
         self.comm.reset_counters()
         self._bytes_total += self._bytes_last
@@ -240,7 +278,8 @@ class AlgorithmState:
         self.step += 1
 
     def stats(self) -> dict[str, Any]:
-        """Counters since construction: bytes handed to collectives by this rank, and time shares.
+        """Counters since construction: bytes handed to collectives by this rank, the number of
+        collectives (the agreement check excluded), and time shares.
 
         ``compress_seconds`` is host time spent in encode/decode (on CUDA: launch time, kernels are
         asynchronous); ``comm_seconds`` is launch-to-completion time of the collectives.
@@ -252,6 +291,7 @@ class AlgorithmState:
             "bytes_sent_mean_per_step": self._bytes_total / n,
             "dense_bytes_last_step": self._dense_last, "dense_bytes_total": self._dense_total,
             "compression_ratio": (self._bytes_total / self._dense_total) if self._dense_total else None,
+            "collectives_last_step": self._coll_last, "collectives_total": self._coll_total,
             "compress_seconds": self._compress_seconds, "comm_seconds": self._comm_seconds,
         }
 
@@ -262,11 +302,15 @@ class AlgorithmState:
         for k, v in self._loaded.items():  # restored but not used yet: keep them
             for n, t in v.items():
                 bufs.setdefault(k, {}).setdefault(n, t)
-        return {"format": 1, "config": self.config(), "rank": self.comm.rank, "step": self.step,
-                "buffers": bufs, "lr_of": dict(self._lr_of)}
+        return {"format": 2, "config": self.config(), "rank": self.comm.rank, "step": self.step,
+                "buffers": bufs, "lr_of": dict(self._lr_of), "layout": self.buckets.state_dict()}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output of the same rank; sizes are checked at first use."""
+        """Restore :meth:`state_dict` output of the same rank; sizes are checked at first use.
+
+        DDP: call it after ``DDP(model)`` and after loading the model's state_dict, before the first
+        step (README "Checkpoint and resume"); the first step checks each parameter against its
+        fingerprint at save time and fails on every rank if the model is not the one saved."""
         if not isinstance(sd, dict) or "config" not in sd or "buffers" not in sd:
             raise ValueError("cser_hooks: load_state_dict expects the dict returned by state_dict()")
         mine = self.config()
@@ -281,6 +325,7 @@ class AlgorithmState:
         if sd.get("rank") != self.comm.rank:
             raise ValueError(f"cser_hooks: checkpoint was saved by rank {sd.get('rank')}, this is rank "
                              f"{self.comm.rank}; each rank must load its own state_dict.")
+        self.buckets.load_state_dict(sd.get("layout"))
         self.step = int(sd["step"])
         self._lr_of = dict(sd.get("lr_of", {}))
         self.buffers = {}

@@ -160,7 +160,7 @@ def test_cli_rejects_bad_input_before_launching(tmp_path):
 
 
 POWERSGD_SCRIPT = textwrap.dedent("""
-    import json, sys, torch, torch.distributed as dist
+    import json, os, sys, torch, torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
     from cser_hooks.bench import methods, models
     dist.init_process_group("gloo", init_method="tcp://127.0.0.1:%d", rank=0, world_size=1)
@@ -178,8 +178,9 @@ POWERSGD_SCRIPT = textwrap.dedent("""
         per_step.append(meter.stats()["bytes_sent_last_step"])
     ps = meter.inner_state
     print(json.dumps({"per_step": per_step, "after": ps.total_numel_after_compression,
-                      "before": ps.total_numel_before_compression, "buckets": meter.buckets}))
+                      "before": ps.total_numel_before_compression, "buckets": meter.buckets}), flush=True)
     dist.destroy_process_group()
+    os._exit(0)  # skip C++ static teardown: gloo's threads once aborted it under load ("terminate called ...")
 """)
 
 

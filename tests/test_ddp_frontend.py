@@ -259,7 +259,7 @@ def _wrong_shape_rank(rank, ws, path):
 def test_wrong_shape_or_algorithm_state_on_restore_is_a_clear_error(tmp_path):
     errors = run_ranks(_wrong_shape_rank, 1, str(tmp_path / "st.pt"), timeout=60)[0]
     assert len(errors) == 2
-    assert "elements but this bucket has" in errors[0]
+    assert "elements here but" in errors[0] and "in the checkpoint: restore into the same model" in errors[0]
     assert "checkpoint is for algorithm 'ef'" in errors[1]
 
 
@@ -331,10 +331,11 @@ def test_mcser_config_mismatch_names_the_field(mine, theirs, field):
 
 
 class _Bucket:
-    """Just enough of a DDP GradBucket for ``run_hook``: one bucket, one parameter, last of its step."""
+    """Just enough of a DDP GradBucket for ``run_hook``: one bucket, one parameter (the same tensor every
+    step, as in DDP), last of its step."""
 
-    def __init__(self, grad):
-        self.grad, self.param = grad, torch.zeros_like(grad)
+    def __init__(self, grad, param):
+        self.grad, self.param = grad, param
 
     def buffer(self):
         return self.grad
@@ -352,7 +353,8 @@ class _Bucket:
 def _mcser_steps(st, steps, start=0):
     """The gradient the optimizer would get at each step, world size 1 (gradient of step s: seed s)."""
     from cser_hooks.ddp import run_hook
-    return [run_hook(st, _Bucket(torch.randn(40, generator=torch.Generator().manual_seed(s)))).wait().clone()
+    param = torch.zeros(40)
+    return [run_hook(st, _Bucket(torch.randn(40, generator=torch.Generator().manual_seed(s)), param)).wait().clone()
             for s in range(start, start + steps)]
 
 
@@ -484,3 +486,13 @@ def test_hook_state_type_is_checked():
     with pytest.raises(TypeError, match="CSERState"):
         cser_hook(object(), None)
 
+
+
+@pytest.mark.parametrize("which", ["c1", "c2"])
+def test_cser_rejects_a_scaled_mask(which):
+    """CSER overwrites the selected blocks with their average: a scaled (unbiased) mask would break exactness."""
+    from cser_hooks.algorithms.cser import CSER
+    kw = {"c1": "random_block:ratio=1/4", "c2": "random_block:ratio=1/2"}
+    kw[which] = kw[which] + ",scaled=1"
+    with pytest.raises(ValueError, match=f"CSER: {which}=.*is scaled.*Drop ',scaled=1'"):
+        CSER(_OneRank(), **kw)

@@ -396,6 +396,8 @@ def test_cser_pl_sends_nothing_but_the_resets(world):
             assert [h for _, h, _ in sizes] == [4 * n if s == 0 else 0 for n, _, _ in sizes]
             reset = 4 * total if s >= 2 and s % 4 == 0 else 0
             assert run["stats"][s]["bytes_sent_last_step"] == sum(h for _, h, _ in sizes) + reset, s
+            # a reset is one grouped allreduce of every parameter, not one per tensor
+            assert run["stats"][s]["collectives_last_step"] == len(sizes) + (1 if reset else 0), s
 
 
 @pytest.mark.parametrize("name", ["ag_ef_topk", "ag_ef_sign", "ag_ef_qsgd", "ag_ef_compose"])

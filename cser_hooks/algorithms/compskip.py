@@ -17,11 +17,13 @@ zero gradient (momentum continues), identically on every rank.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
 
 from ..compressors import get_compressor
+from ..compressors.base import is_real
 from ..knobs import integer_knob
 from ..state import AlgorithmState, Exchange, StepContext
 from .compressed_average import decode_average, encode_with_feedback
@@ -46,8 +48,16 @@ class CompSkip(AlgorithmState):
             send_every = 2
         self.compressor = get_compressor(compressor)
         self.send_every = None if send_every is None else integer_knob("CompSkip", "send_every", send_every, 1)
-        self.send_steps = (None if send_steps is None else
-                           frozenset(integer_knob("CompSkip", "send_steps entry", s, 0) for s in send_steps))
+        self.send_steps = None
+        if send_steps is not None:
+            steps = [] if isinstance(send_steps, (str, bytes)) or not isinstance(send_steps, Iterable) else list(
+                send_steps)
+            if not steps:  # nothing would ever be sent
+                raise ValueError(f"CompSkip: send_steps must be a non-empty list of integers >= 0 (the steps that "
+                                 f"send), got {send_steps!r}")
+            self.send_steps = frozenset(integer_knob("CompSkip", "send_steps entry", s, 0) for s in steps)
+        if adaptive is not None and not (is_real(adaptive) and 0 <= adaptive < math.inf):
+            raise ValueError(f"CompSkip: adaptive (τ) must be a finite number >= 0, got {adaptive!r}")
         self.adaptive = None if adaptive is None else float(adaptive)
         self.max_skips = integer_knob("CompSkip", "max_skips", max_skips, 1)
         self._skips = {}

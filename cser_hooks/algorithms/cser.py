@@ -47,6 +47,7 @@ import time
 import torch
 
 from ..compressors import get_compressor
+from ..compressors.base import is_real
 from ..exchange import average_into, exchange_for, layout_of
 from ..knobs import integer_knob
 from ..state import AlgorithmState, Exchange, StepContext, nonfinite_flag
@@ -64,6 +65,14 @@ def check_mcser_optimizer(optimizer, momentum: float) -> None:
             f"nesterov or Adam's betas). Build it as torch.optim.SGD(params, lr=..., momentum=0, "
             f"weight_decay=...), or use CSERState(momentum=0) to keep your optimizer (momentum applied after "
             f"C1: a practical variant, not the paper's M-CSER).") from None
+
+
+def _compressor(knob: str, spec):
+    """get_compressor(spec), its errors prefixed with the knob: CSER takes two compressors."""
+    try:
+        return get_compressor(spec)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"CSER: {knob}: {e}") from None
 
 
 class CSER(AlgorithmState):
@@ -90,13 +99,19 @@ class CSER(AlgorithmState):
 
     def __init__(self, comm, c1="random_block:ratio=1/64", c2="identity", period: int = 16, *,
                  momentum: float = 0.0, nesterov: bool = False, **kw):
-        self.c1 = get_compressor(c1)
-        self.c2 = get_compressor(c2)
+        self.c1 = _compressor("c1", c1)
+        self.c2 = _compressor("c2", c2)
         if not self.c2.linear or self.c2.name in ("fp16", "bf16", "zero"):
             raise ValueError(f"CSER: c2 must be 'identity' or a shared-mask sparsifier (random_block/random_k), "
                              f"got {self.c2.spec()!r}: the reset averages the selected parameter blocks.")
-        if not 0.0 <= float(momentum) < 1.0:
-            raise ValueError(f"CSER: momentum (M-CSER's β) must be in [0, 1), got {momentum}")
+        for name, c in (("c1", self.c1), ("c2", self.c2)):
+            if c.linear and getattr(c, "scaled", False):
+                raise ValueError(f"CSER: {name}={c.spec()!r} is scaled; CSER overwrites the selected blocks with "
+                                 f"their average (a projection), which a scaled mask is not. Drop ',scaled=1'.")
+        if not (is_real(momentum) and 0.0 <= momentum < 1.0):
+            raise ValueError(f"CSER: momentum (M-CSER's β) must be in [0, 1), got {momentum!r}")
+        if nesterov not in (True, False):  # bool("no") is True
+            raise ValueError(f"CSER: nesterov must be True or False, got {nesterov!r}")
         if nesterov and float(momentum) == 0.0:
             raise ValueError("CSER: nesterov=True needs momentum > 0 (M-CSER); for the optimizer's own Nesterov "
                              "momentum pass it to the optimizer and keep the state's momentum=0")
@@ -186,32 +201,47 @@ class CSER(AlgorithmState):
 
     def reset(self, key, s: int) -> None:
         """Average the C2-selected blocks of this key's flattened parameters over ranks (in place)."""
-        if self._reset_done.get(key) == s:
+        self.reset_many([key], s)
+
+    def reset_many(self, keys, s: int) -> None:
+        """The reset of step ``s`` for ``keys`` in one collective per parameter dtype (not one per key:
+        Horovod's keys are single tensors, hundreds per model). Element-wise the same average as one
+        collective per key, so the result does not depend on the grouping."""
+        keys = [k for k in keys if self._reset_done.get(k) != s]
+        if not keys:
             return
-        self._reset_done[key] = s
-        params, pctx = self.params[key]
-        segments = pctx.segments
-        c2 = self.compressor_for(self.c2, pctx)
+        parts = []
         with torch.no_grad():
-            flat = torch.cat([p.detach().reshape(-1) for p in params])
-            if c2.name == "identity":
-                self.comm.allreduce_mean(flat)
-            else:
-                mk = self.mask_key(pctx, "c2", step=s)
-                (values,) = c2.compress(flat, mk, segments)
-                self.comm.allreduce_mean(values)
-                c2.overwrite(values, flat, mk, segments)
-            o = 0
-            for p in params:
-                n = p.numel()
-                p.copy_(flat[o:o + n].view_as(p))
-                o += n
+            for key in keys:
+                self._reset_done[key] = s
+                params, pctx = self.params[key]
+                c2 = self.compressor_for(self.c2, pctx)
+                flat = torch.cat([p.detach().reshape(-1) for p in params])
+                mk = None if c2.name == "identity" else self.mask_key(pctx, "c2", step=s)
+                values = flat if mk is None else c2.compress(flat, mk, pctx.segments)[0]
+                parts.append((params, pctx, c2, flat, mk, values))
+            for dtype in sorted({v.dtype for *_, v in parts}, key=str):
+                group = [v for *_, v in parts if v.dtype == dtype]
+                joined = torch.cat(group) if len(group) > 1 else group[0]
+                self.comm.allreduce_mean(joined)
+                if len(group) > 1:
+                    o = 0
+                    for v in group:
+                        v.copy_(joined[o:o + v.numel()])
+                        o += v.numel()
+            for params, pctx, c2, flat, mk, values in parts:
+                if mk is not None:
+                    c2.overwrite(values, flat, mk, pctx.segments)
+                o = 0
+                for p in params:
+                    n = p.numel()
+                    p.copy_(flat[o:o + n].view_as(p))
+                    o += n
 
     def after_optimizer_step(self) -> None:
         s = self.step - 1
         if self.reset_due(s):
-            for key in sorted(self.params, key=repr):
-                self.reset(key, s)
+            self.reset_many(sorted(self.params, key=repr), s)
 
     def before_bucket(self, ctx: StepContext, params) -> None:
         self.params[ctx.key] = (list(params), StepContext(ctx.key, ctx.step, ctx.numel, ctx.segments, ctx.names))

@@ -61,6 +61,7 @@ from dataclasses import dataclass
 import torch
 
 from ..compressors import get_compressor
+from ..compressors.base import is_real
 from ..compressors.sign import SignBlockwise
 from ..state import AlgorithmState, Exchange, StepContext, nonfinite_flag
 
@@ -132,8 +133,10 @@ class DistEFSGDM(AlgorithmState):
         if self.compressor.name != "sign_blockwise":
             raise ValueError(f"dist-EF-SGDM: compressor must be 'sign_blockwise' (optionally ':block=b'), got "
                              f"{self.compressor.spec()!r}; for other compressors use EFState.")
-        if not 0.0 <= float(momentum) < 1.0:
-            raise ValueError(f"dist-EF-SGDM: momentum must be in [0, 1), got {momentum}")
+        if not (is_real(momentum) and 0.0 <= momentum < 1.0):
+            raise ValueError(f"dist-EF-SGDM: momentum must be in [0, 1), got {momentum!r}")
+        if nesterov not in (True, False):  # bool("no") is True
+            raise ValueError(f"dist-EF-SGDM: nesterov must be True or False, got {nesterov!r}")
         if nesterov and float(momentum) == 0.0:
             raise ValueError("dist-EF-SGDM: nesterov=True (the default) needs momentum > 0; pass nesterov=False "
                              "for momentum=0")

@@ -33,6 +33,8 @@ class ErrorFeedback(AlgorithmState):
 
     def __init__(self, comm, compressor="random_block:ratio=1/32", *, error_feedback: bool = True, **kw):
         self.compressor = get_compressor(compressor)
+        if error_feedback not in (True, False):  # bool("no") is True
+            raise ValueError(f"EF: error_feedback must be True or False, got {error_feedback!r}")
         self.error_feedback = bool(error_feedback)
         super().__init__(comm, **kw)
 

@@ -44,6 +44,7 @@ import time
 import torch
 
 from ..compressors import get_compressor
+from ..compressors.base import is_real
 from ..exchange import layout_of, unpack
 from ..knobs import integer_knob
 from ..state import StepContext, nonfinite_flag
@@ -79,8 +80,8 @@ class QPRSGD(ModelSync):
         if mode not in ("allreduce", "gossip"):
             raise ValueError(f"QPRSGD: mode must be 'allreduce' or 'gossip', got {mode!r}")
         period = integer_knob("QPRSGD", "period (K)", period, 1)
-        if not 0.0 < float(gamma) <= 1.0:
-            raise ValueError(f"QPRSGD: gamma must be in (0, 1], got {gamma}")
+        if not (is_real(gamma) and 0.0 < gamma <= 1.0):
+            raise ValueError(f"QPRSGD: gamma must be in (0, 1], got {gamma!r}")
         self.compressor = get_compressor(compressor)
         self.period, self.mode, self.gamma = int(period), mode, float(gamma)
         self._log: list = []

@@ -33,7 +33,7 @@ Wire per bucket at a step where some rank syncs: 4 + wire_bytes(numel) bytes fro
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -152,9 +152,14 @@ class QsparseLocalSGD(ModelSync):
         self.compressor = get_compressor(compressor)
         n = comm.world_size
         if sync_steps is not None:
-            lists = list(sync_steps)
+            def steps(x):
+                return not isinstance(x, (str, bytes)) and isinstance(x, Iterable)
+            lists = list(sync_steps) if steps(sync_steps) else None
             if lists and not isinstance(lists[0], (list, tuple, set, frozenset)):
                 lists = [lists] * n
+            if lists is None or not all(steps(lst) for lst in lists):
+                raise ValueError(f"Qsparse: sync_steps must be a list of steps (integers >= 0) or one such list "
+                                 f"per rank ({n}), got {sync_steps!r}")
             if len(lists) != n:
                 raise ValueError(f"Qsparse: sync_steps needs one list per rank ({n}), got {len(lists)}")
             self.sync_steps = [frozenset(integer_knob("Qsparse", "sync_steps entry", s, 0) for s in lst)

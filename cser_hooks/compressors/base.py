@@ -16,6 +16,7 @@ bytes for a tensor of ``numel`` elements of ``dtype``; tests check it against th
 from __future__ import annotations
 
 import hashlib
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -54,6 +55,23 @@ class MaskKey:
         g = torch.Generator(device="cpu")
         g.manual_seed(self.generator_seed(per_rank))
         return g
+
+
+def int_option(who: str, name: str, value, lo: int, hi: int | None = None) -> int:
+    """An integer option in [lo, hi] (hi None: no bound), or a ValueError naming the compressor, the option,
+    the value and the range (cser_hooks/knobs.py's style). ``int(2.5)`` would truncate silently."""
+    rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+    integral = isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not integral:
+        raise ValueError(f"{who}: {name} must be an integer {rng}, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        raise ValueError(f"{who}: {name} must be {rng}, got {value!r}")
+    return int(value)
+
+
+def is_real(value) -> bool:
+    """A real number, not a bool and not a string (``float("0.5")`` would accept the string)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_input(x: torch.Tensor, who: str) -> None:

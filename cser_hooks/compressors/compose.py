@@ -23,7 +23,8 @@ class Compose(Compressor):
         if not isinstance(sparsifier, (TopK, RandomBlock)):
             raise TypeError(f"compose: sparsifier must be top_k, random_k or random_block, got {sparsifier.spec()}")
         if quantizer.name not in ("qsgd", "sign_blockwise", "fp16", "bf16", "identity"):
-            raise TypeError(f"compose: quantizer must be qsgd, sign_blockwise, fp16 or bf16, got {quantizer.spec()}")
+            raise TypeError(f"compose: quantizer must be qsgd, sign_blockwise, fp16, bf16 or identity, got "
+                            f"{quantizer.spec()}")
         self.sparsifier, self.quantizer = sparsifier, quantizer
         self.unbiased = False
         self.per_rank_randomness = quantizer.per_rank_randomness

@@ -19,7 +19,7 @@ import math
 import torch
 
 from .. import kernels
-from .base import Compressor, MaskKey, check_input
+from .base import Compressor, MaskKey, check_input, int_option, is_real
 from .bits import pack_codes, packed_nbytes, unpack_codes
 
 
@@ -63,11 +63,11 @@ class QSGD(Compressor):
     per_rank_randomness = True
 
     def __init__(self, s: int = 15, block: int = 512, scale: float = 1.0):
-        if not 1 <= int(s) <= 255:
-            raise ValueError(f"qsgd: s (levels) must be in [1, 255], got {s}")
-        if block < 1:
-            raise ValueError(f"qsgd: block must be >= 1, got {block}")
-        self.s, self.block, self.scale = int(s), int(block), float(scale)
+        s = int_option("qsgd", "s (levels)", s, 1, 255)
+        block = int_option("qsgd", "block", block, 1)
+        if not (is_real(scale) and 0 < scale < math.inf):  # 0 sends nothing, < 0 flips every update
+            raise ValueError(f"qsgd: scale must be a finite number > 0 (1: unbiased), got {scale!r}")
+        self.s, self.block, self.scale = s, block, float(scale)
         self.L = level_bits(self.s)
         self.unbiased = self.scale == 1.0
 

@@ -20,7 +20,7 @@ import math
 import torch
 
 from .. import kernels
-from .base import Compressor, MaskKey, check_input
+from .base import Compressor, MaskKey, check_input, int_option, is_real
 
 
 def reference_blocks(numel: int, ratio: float, block: int, mk: MaskKey) -> torch.Tensor:
@@ -130,13 +130,15 @@ class RandomBlock(Compressor):
     linear = True
 
     def __init__(self, ratio: float, block: int = 256, scaled: bool = False):
-        if not 0 < ratio <= 1:
-            raise ValueError(f"random_block: ratio must be in (0, 1], got {ratio}")
-        if block < 1:
-            raise ValueError(f"random_block: block must be >= 1, got {block}")
-        self.ratio, self.block, self.scaled = float(ratio), int(block), bool(scaled)
+        name = "random_k" if block == 1 else "random_block"
+        if not (is_real(ratio) and 0 < ratio <= 1):
+            raise ValueError(f"{name}: ratio must be in (0, 1], got {ratio!r}")
+        block = int_option(name, "block", block, 1)
+        if scaled not in (True, False):  # bool(2) / bool("0") would switch it on
+            raise ValueError(f"{name}: scaled must be 0 or 1 (False or True), got {scaled!r}")
+        self.ratio, self.block, self.scaled = float(ratio), block, bool(scaled)
         self.unbiased = self.scaled
-        self.name = "random_k" if block == 1 else "random_block"
+        self.name = name
         self._cache: tuple | None = None
 
     def spec(self):

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import kernels
-from .base import Compressor, check_input
+from .base import Compressor, check_input, int_option
 from .bits import pack_codes, packed_nbytes, unpack_codes
 
 
@@ -55,9 +55,7 @@ class SignBlockwise(Compressor):
     unbiased = False
 
     def __init__(self, block: int | None = None):
-        if block is not None and block < 1:
-            raise ValueError(f"sign_blockwise: block must be >= 1 or None, got {block}")
-        self.block = block
+        self.block = None if block is None else int_option("sign_blockwise", "block", block, 1)
         self._offs_cache: dict = {}
 
     def spec(self):

@@ -13,7 +13,7 @@ import math
 import torch
 
 from .. import kernels
-from .base import Compressor, check_input
+from .base import Compressor, check_input, is_real
 
 
 def reference_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,8 +31,8 @@ class TopK(Compressor):
     KERNEL_MIN = 1 << 16
 
     def __init__(self, ratio: float):
-        if not 0 < ratio <= 1:
-            raise ValueError(f"top_k: ratio must be in (0, 1], got {ratio}")
+        if not (is_real(ratio) and 0 < ratio <= 1):
+            raise ValueError(f"top_k: ratio must be in (0, 1], got {ratio!r}")
         self.ratio = float(ratio)
 
     def spec(self):

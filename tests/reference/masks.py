@@ -35,10 +35,10 @@ def random_block_mask(numel: int, ratio: float, block: int, seed: int, step: int
 
 
 def top_k_mask(p: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Boolean mask of the k = ceil(ratio*numel) entries of largest magnitude."""
+    """Boolean mask of the k = ceil(ratio*numel) entries of largest magnitude (ties to the lower index)."""
     k = min(p.numel(), math.ceil(ratio * p.numel()))
     mask = torch.zeros(p.numel(), dtype=torch.bool)
-    mask[torch.topk(p.abs(), k, sorted=False).indices] = True
+    mask[torch.sort(p.abs(), descending=True, stable=True).indices[:k]] = True
     return mask
 
 
@@ -80,3 +80,23 @@ class RefCompressor:
 
     def __call__(self, p: torch.Tensor, seed: int, step: int, key, salt: str) -> torch.Tensor:
         return torch.where(self.mask(p, seed, step, key, salt), p, torch.zeros_like(p))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the same definition in the form of the compressor tests: a mask key ``mk`` is any object with the
+# fields seed, step, key, salt and rank (the package's MaskKey is one; it is not imported here)
+
+def ref_generator(mk, per_rank: bool = False) -> torch.Generator:
+    """The brief's seed: blake2b-64 of "seed|step|key|salt" (QSGD: + "|rank{r}"), low 63 bits."""
+    text = f"{mk.seed}|{mk.step}|{mk.key}|{mk.salt}" + (f"|rank{mk.rank}" if per_rank else "")
+    seed = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") & (2**63 - 1)
+    g = torch.Generator(device="cpu")
+    g.manual_seed(seed)
+    return g
+
+
+def ref_blocks(numel: int, ratio: float, block: int, mk) -> tuple[int, torch.Tensor]:
+    """(nblocks, sorted selected block indices) of the shared mask (team brief)."""
+    nblocks = math.ceil(numel / block)
+    k = min(nblocks, math.ceil(ratio * numel / block))
+    return nblocks, torch.randperm(nblocks, generator=ref_generator(mk))[:k].sort().values

@@ -82,7 +82,9 @@ def qsgd(v: torch.Tensor, s: int, block: int, scale: float, u: torch.Tensor) -> 
         fl = r.floor()
         lv = (fl + (u[a:a + block] < (r - fl)).float()).clamp(max=s)
         sg = torch.where(seg >= 0, 1.0, -1.0)
-        out[a:a + block] = sg * lv * nu * (scale / s)
+        # ((ν·l)/s)·sign, then the scale: the package's element-wise order (fp32 products round per step)
+        q = ((nu * lv) / s) * sg
+        out[a:a + block] = q if scale == 1.0 else q.mul(scale)
     return out
 
 
@@ -113,7 +115,9 @@ class QComp:
         idx = torch.arange(v.numel())
         if self.p["ratio"] is not None:
             k = min(v.numel(), max(1, math.ceil(self.p["ratio"] * v.numel())))
-            idx = torch.topk(v.abs(), k, sorted=False).indices.sort().values
+            # ties (e.g. exact zeros when k exceeds the non-zeros) go to the lower index, as in the package;
+            # torch.topk leaves them unspecified (its choice changed with the CPU's vector width)
+            idx = torch.sort(v.abs(), descending=True, stable=True).indices[:k].sort().values
         vals = v[idx]
         q = self.p["quant"]
         if q is None:
