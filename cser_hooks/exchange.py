@@ -17,7 +17,7 @@ import torch
 
 from .comm import Communicator, Future, completed
 from .compressors import Compressor, MaskKey
-from .state import Exchange
+from .state import Exchange, Kind
 
 
 def exchange_for(compressor: Compressor, payload: tuple, flag: torch.Tensor | None) -> Exchange:
@@ -25,10 +25,16 @@ def exchange_for(compressor: Compressor, payload: tuple, flag: torch.Tensor | No
         (values,) = payload
         if flag is not None:
             values = torch.cat([values.reshape(-1), flag.to(device=values.device, dtype=values.dtype)])
-        return Exchange("allreduce", (values,), flag)
+        return Exchange(Kind.ALLREDUCE, (values,), flag)
+    return Exchange(Kind.ALLGATHER, (pack(payload, flag),), flag)
+
+
+def pack(payload, flag: torch.Tensor | None) -> torch.Tensor:
+    """[4-byte flag,] payload parts by decreasing element size, as one uint8 buffer (see the module
+    docstring; :func:`unpack` inverts it). The one packing of every allgathered payload."""
     parts = [flag.reshape(-1).view(torch.uint8)] if flag is not None else []
     parts += [payload[i].reshape(-1).view(torch.uint8) for i in _packing_order(payload)]
-    return Exchange("allgather", (torch.cat(parts),), flag)
+    return torch.cat(parts)
 
 
 def _packing_order(payload) -> list[int]:
@@ -37,11 +43,11 @@ def _packing_order(payload) -> list[int]:
 
 def launch(comm: Communicator, ex: Exchange) -> Future:
     """Start the collective of ``ex`` (from the hook call itself, never from a callback)."""
-    if ex.kind == "none":
+    if ex.kind is Kind.NONE:
         return completed(None)
-    if ex.kind == "allreduce":
+    if ex.kind is Kind.ALLREDUCE:
         return comm.allreduce_mean_async(ex.tensors[0])
-    if ex.kind == "allgather":
+    if ex.kind is Kind.ALLGATHER:
         return comm.allgather_async(ex.tensors[0])
     raise ValueError(f"unknown exchange kind {ex.kind!r}")
 
@@ -66,7 +72,7 @@ def average_into(compressor: Compressor, ex: Exchange, received, out: torch.Tens
                  segments, world_size: int, layout) -> torch.Tensor | None:
     """Write avg_j C(p_j) into ``out``; return the summed non-finite flag (a tensor) or None."""
     has_flag = ex.flag is not None
-    if ex.kind == "allreduce":
+    if ex.kind is Kind.ALLREDUCE:
         values = received
         flag = None
         if has_flag:

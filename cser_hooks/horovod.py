@@ -67,7 +67,7 @@ from .comm_horovod import HorovodCommunicator, _hvd
 from .compressors import get_compressor
 from .compressors.cast import FP16_MAX
 from .exchange import exchange_for, launch, layout_of
-from .state import AlgorithmState, Exchange, StepContext, nonfinite_flag
+from .state import AlgorithmState, Exchange, Kind, StepContext, nonfinite_flag
 
 __all__ = ["FP16", "BF16", "RandomBlock", "RandomK", "EF", "CSER", "AllgatherEF", "AllgatherCSER",
            "HorovodCommunicator"]
@@ -258,6 +258,8 @@ class _Pending:
 class _HorovodFrontEnd:
     """Mixin over an :class:`AlgorithmState`: the Horovod compression contract (see the module docstring)."""
 
+    persisted = (("_key_step", "key_steps"),)
+
     def _init_front_end(self, named_parameters, who: str):
         _refuse_elastic(who)
         self._named = _NamedParameters(named_parameters, who)
@@ -295,9 +297,9 @@ class _HorovodFrontEnd:
             return tensor, _Pending(flat, tensor.shape, None)
         ex = self.encode(flat, ctx)
         ctx.extra["exchange"] = ex
-        if ex.kind == "allgather":  # guarded at construction; kept for compressors added later
+        if ex.kind is Kind.ALLGATHER:  # guarded at construction; kept for compressors added later
             raise ValueError(_NOT_ALLREDUCE_HINT.format(who=self._who, spec="?", alt="AllgatherEF"))
-        payload = ex.tensors[0] if ex.kind == "allreduce" else flat.new_empty(0)
+        payload = ex.tensors[0] if ex.kind is Kind.ALLREDUCE else flat.new_empty(0)
         scale = 1.0
         if payload.dtype == torch.float16 and self.comm.world_size > 1:
             scale = float(self.comm.world_size)  # Horovod sums in fp16 before averaging: keep the sum finite
@@ -349,14 +351,8 @@ class _HorovodFrontEnd:
         return optimizer
 
     # -- checkpointing -------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        sd["key_steps"] = dict(self._key_step)
-        return sd
-
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        super().load_state_dict(sd)
-        self._key_step = dict(sd.get("key_steps", {}))
+        super().load_state_dict(sd)  # restores _key_step too (``persisted``)
         self._active = 0
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import torch
@@ -26,19 +27,30 @@ from .compressors.per_tensor import PerTensor
 from .knobs import integer_knob
 
 
+class Kind(Enum):
+    """How an :class:`Exchange` travels."""
+
+    NONE = "none"            # nothing to send (local steps, skipped steps)
+    ALLREDUCE = "allreduce"  # tensors[0] is averaged over ranks: a shared-mask payload
+    ALLGATHER = "allgather"  # every rank's packed payload is gathered (exchange.pack / unpack)
+
+
 @dataclass
 class Exchange:
     """What ``encode`` asks the front end to communicate.
 
-    kind: ``"none"`` (nothing to send), ``"allreduce"`` (tensors[0] is averaged over ranks; a
-    shared-mask payload) or ``"allgather"`` (every rank's payload tuple is gathered).
+    kind: a :class:`Kind`; tensors: what the collective carries.
     ``flag``: a 1-element float tensor, 1 where this rank's input was non-finite; it travels with
     the payload so all ranks learn about it and fail together (no hang, no silent divergence).
     """
 
-    kind: str
+    kind: Kind
     tensors: tuple = ()
     flag: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.kind, Kind):
+            raise TypeError(f"Exchange.kind must be a Kind (Kind.NONE/ALLREDUCE/ALLGATHER), got {self.kind!r}")
 
 
 @dataclass
@@ -67,6 +79,9 @@ class AlgorithmState:
     """Base of every algorithm's state. See the module docstring; subclasses document the knobs."""
 
     algorithm = "base"
+    # per-key bookkeeping saved by state_dict(): (attribute, entry in the dict). A subclass declares its
+    # own; they are collected along the MRO, so no class writes a state_dict override for them.
+    persisted: tuple[tuple[str, str], ...] = (("_lr_of", "lr_of"),)
     __slots__ = ("comm", "seed", "warmup_steps", "check_finite", "step", "buffers", "optimizer",
                  "_agreed", "_loaded", "_pending_flag", "_bytes_total", "_bytes_last", "_dense_last",
                  "_dense_acc", "_dense_total", "_steps_counted", "_coll_last", "_coll_total", "_compress_seconds",
@@ -302,8 +317,19 @@ class AlgorithmState:
         for k, v in self._loaded.items():  # restored but not used yet: keep them
             for n, t in v.items():
                 bufs.setdefault(k, {}).setdefault(n, t)
-        return {"format": 2, "config": self.config(), "rank": self.comm.rank, "step": self.step,
-                "buffers": bufs, "lr_of": dict(self._lr_of), "layout": self.buckets.state_dict()}
+        sd = {"format": 2, "config": self.config(), "rank": self.comm.rank, "step": self.step,
+              "buffers": bufs, "layout": self.buckets.state_dict()}
+        for attr, entry in self._persisted():
+            sd[entry] = dict(getattr(self, attr))
+        return sd
+
+    @classmethod
+    def _persisted(cls) -> list[tuple[str, str]]:
+        seen: dict[str, str] = {}
+        for klass in reversed(cls.__mro__):
+            for attr, entry in klass.__dict__.get("persisted", ()):
+                seen[attr] = entry
+        return list(seen.items())
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output of the same rank; sizes are checked at first use.
@@ -327,7 +353,8 @@ class AlgorithmState:
                              f"{self.comm.rank}; each rank must load its own state_dict.")
         self.buckets.load_state_dict(sd.get("layout"))
         self.step = int(sd["step"])
-        self._lr_of = dict(sd.get("lr_of", {}))
+        for attr, entry in self._persisted():
+            setattr(self, attr, dict(sd.get(entry, {})))
         self.buffers = {}
         self._loaded = {k: dict(v) for k, v in sd["buffers"].items()}
         self._agreed = False

@@ -25,7 +25,7 @@ import torch
 from ..compressors import get_compressor
 from ..compressors.base import is_real
 from ..knobs import integer_knob
-from ..state import AlgorithmState, Exchange, StepContext
+from ..state import AlgorithmState, Exchange, Kind, StepContext
 from .compressed_average import decode_average, encode_with_feedback
 
 
@@ -37,6 +37,7 @@ class CompSkip(AlgorithmState):
 
     algorithm = "compskip"
     __slots__ = ("compressor", "send_every", "send_steps", "adaptive", "max_skips", "_skips")
+    persisted = (("_skips", "skips"),)
 
     def __init__(self, comm, compressor="random_block:ratio=1/16", *, send_every: int | None = None,
                  send_steps: Iterable[int] | None = None, adaptive: float | None = None, max_skips: int = 8,
@@ -86,7 +87,7 @@ class CompSkip(AlgorithmState):
         if not self.sends(grad, ctx):
             reserve.add_(grad)
             self._skips[ctx.key] = self._skips.get(ctx.key, 0) + 1
-            return Exchange("none")
+            return Exchange(Kind.NONE)
         self._skips[ctx.key] = 0
         e = self.buffer(ctx.key, "e", ctx.numel, grad.device)
         self.rescale_on_lr_change(ctx.key, ("e", "reserve"))
@@ -96,15 +97,7 @@ class CompSkip(AlgorithmState):
 
     def decode(self, grad, received, ctx):
         ex = ctx.extra["exchange"]
-        if ex.kind == "none":
+        if ex.kind is Kind.NONE:
             return grad.zero_()
         return decode_average(self, self.compressor_for(self.compressor, ctx), grad, received, ex, ctx)
 
-    def state_dict(self):
-        sd = super().state_dict()
-        sd["skips"] = dict(self._skips)
-        return sd
-
-    def load_state_dict(self, sd):
-        super().load_state_dict(sd)
-        self._skips = dict(sd.get("skips", {}))

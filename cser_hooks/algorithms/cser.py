@@ -50,8 +50,9 @@ from ..compressors import get_compressor
 from ..compressors.base import is_real
 from ..exchange import average_into, exchange_for, layout_of
 from ..knobs import integer_knob
-from ..state import AlgorithmState, Exchange, StepContext, nonfinite_flag
+from ..state import AlgorithmState, Exchange, Kind, StepContext, nonfinite_flag
 from .dist_ef_sgdm import check_plain_sgd
+from .model_sync import write_params
 
 
 def check_mcser_optimizer(optimizer, momentum: float) -> None:
@@ -96,6 +97,7 @@ class CSER(AlgorithmState):
     algorithm = "cser"
     # params: key -> (tensors, StepContext)
     __slots__ = ("c1", "c2", "period", "momentum", "nesterov", "params", "_reset_done")
+    persisted = (("_reset_done", "reset_done"),)
 
     def __init__(self, comm, c1="random_block:ratio=1/64", c2="identity", period: int = 16, *,
                  momentum: float = 0.0, nesterov: bool = False, **kw):
@@ -156,7 +158,7 @@ class CSER(AlgorithmState):
         mk = self.mask_key(ctx, "c1")
         c1 = self.compressor_for(self.c1, ctx)
         if c1.name == "zero":
-            ex = Exchange("none", (), flag)
+            ex = Exchange(Kind.NONE, (), flag)
             if flag is not None:
                 self.check_flag(flag, ctx)  # local only: nothing is shared, no other rank can hang
         elif c1.linear:
@@ -174,12 +176,12 @@ class CSER(AlgorithmState):
 
     def decode(self, grad, received, ctx):
         ex = ctx.extra["exchange"]
-        if ex.kind == "none":
+        if ex.kind is Kind.NONE:
             return grad
         t0 = time.perf_counter()
         mk = self.mask_key(ctx, "c1")
         c1 = self.compressor_for(self.c1, ctx)
-        if ex.kind == "allreduce":
+        if ex.kind is Kind.ALLREDUCE:
             values = received
             if ex.flag is not None:
                 flag, values = values[-1:].float() * self.comm.world_size, values[:-1]
@@ -232,11 +234,7 @@ class CSER(AlgorithmState):
             for params, pctx, c2, flat, mk, values in parts:
                 if mk is not None:
                     c2.overwrite(values, flat, mk, pctx.segments)
-                o = 0
-                for p in params:
-                    n = p.numel()
-                    p.copy_(flat[o:o + n].view_as(p))
-                    o += n
+                write_params(params, flat)
 
     def after_optimizer_step(self) -> None:
         s = self.step - 1
@@ -249,11 +247,3 @@ class CSER(AlgorithmState):
         if self.optimizer is None and self.reset_due(s):
             self.reset(ctx.key, s)
 
-    def state_dict(self):
-        sd = super().state_dict()
-        sd["reset_done"] = dict(self._reset_done)
-        return sd
-
-    def load_state_dict(self, sd):
-        super().load_state_dict(sd)
-        self._reset_done = dict(sd.get("reset_done", {}))

@@ -63,7 +63,7 @@ import torch
 from ..compressors import get_compressor
 from ..compressors.base import is_real
 from ..compressors.sign import SignBlockwise
-from ..state import AlgorithmState, Exchange, StepContext, nonfinite_flag
+from ..state import AlgorithmState, Exchange, Kind, StepContext, nonfinite_flag
 
 
 @dataclass
@@ -221,7 +221,7 @@ class DistEFSGDM(AlgorithmState):
         out = torch.cat([flag.view(torch.uint8), packed, pad])
         ctx.extra["plan"] = plan
         self.timed(t0)
-        return Exchange("allgather", (out,), flag)
+        return Exchange(Kind.ALLGATHER, (out,), flag)
 
     def decode(self, grad, received, ctx):
         t0 = time.perf_counter()

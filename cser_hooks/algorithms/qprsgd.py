@@ -45,10 +45,10 @@ import torch
 
 from ..compressors import get_compressor
 from ..compressors.base import is_real
-from ..exchange import layout_of, unpack
+from ..exchange import layout_of, pack, unpack
 from ..knobs import integer_knob
 from ..state import StepContext, nonfinite_flag
-from .qsparse import ModelSync, flat_params, pack_payload, write_params
+from .model_sync import ModelSync, flat_params, write_params
 
 
 def ring_peers(rank: int, n: int) -> list[tuple[int, float]]:
@@ -135,7 +135,7 @@ class QPRSGD(ModelSync):
         flag = nonfinite_flag(e) if self.check_finite else torch.zeros(1, device=x.device)
         payload = self.compressor.compress_ef(e, mk, pctx.segments)  # e ← Δ − Q(Δ)
         layout = layout_of(payload)
-        buf = pack_payload(payload, flag)
+        buf = pack(payload, flag)
         self.timed(t0)
         received = self.comm.allgather_async(buf).wait()
         t0 = time.perf_counter()
@@ -156,7 +156,7 @@ class QPRSGD(ModelSync):
         payload = self.compressor.compress(d, mk, pctx.segments)
         q = self.compressor.decompress(payload, d.numel(), torch.float32, mk, pctx.segments)
         layout = layout_of(payload)
-        buf = pack_payload(payload, flag)
+        buf = pack(payload, flag)
         peers = ring_peers(self.comm.rank, self.comm.world_size)
         self.timed(t0)
         received = self.comm.sendrecv([(buf, p) for p, _ in peers], [(buf.numel(), torch.uint8, p) for p, _ in peers])

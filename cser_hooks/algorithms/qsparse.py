@@ -38,100 +38,10 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from ..compressors import get_compressor
-from ..exchange import layout_of, unpack
+from ..exchange import layout_of, pack, unpack
 from ..knobs import integer_knob
-from ..state import AlgorithmState, Exchange, StepContext, nonfinite_flag
-
-
-def flat_params(params) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1).float() for p in params])
-
-
-def write_params(params, flat: torch.Tensor) -> None:
-    o = 0
-    with torch.no_grad():
-        for p in params:
-            n = p.numel()
-            p.copy_(flat[o:o + n].view_as(p))
-            o += n
-
-
-def pack_payload(payload, flag: torch.Tensor) -> torch.Tensor:
-    """[4-byte flag, payload parts by decreasing element size] as one uint8 buffer (exchange.py's order)."""
-    parts = [flag.reshape(-1).view(torch.uint8)]
-    parts += [payload[i].reshape(-1).view(torch.uint8) for i, _, _ in layout_of(payload)]
-    return torch.cat(parts)
-
-
-class ModelSync(AlgorithmState):
-    """Base of the local-SGD style algorithms: gradients stay local, the model is synchronized
-    after the optimizer step of the steps where ``sync_due(s)`` (docs/algorithms.md §3 model-side ops).
-    Subclasses implement ``init_bucket(key, flat)`` and ``sync(key, s, params, pctx)``."""
-
-    __slots__ = ("params", "_synced")
-
-    def __init__(self, comm, **kw):
-        self.params: dict = {}
-        self._synced: dict = {}
-        super().__init__(comm, **kw)
-
-    def sync_due(self, s: int) -> bool:
-        raise NotImplementedError
-
-    def init_bucket(self, key, flat: torch.Tensor) -> None:
-        raise NotImplementedError
-
-    def sync(self, key, s: int, params, pctx: StepContext) -> None:
-        raise NotImplementedError
-
-    def model_buffer(self, key, name: str, flat: torch.Tensor) -> torch.Tensor:
-        """Per-key buffer initialised to ``flat`` at first use (or the restored one)."""
-        fresh = name not in self.buffers.get(key, {}) and name not in self._loaded.get(key, {})
-        t = self.buffer(key, name, flat.numel(), flat.device)
-        if fresh:
-            t.copy_(flat)
-        return t
-
-    def _run_sync(self, key, s: int) -> None:
-        if self._synced.get(key) == s or key not in self.params:
-            return
-        self._synced[key] = s
-        params, pctx = self.params[key]
-        self.sync(key, s, params, pctx)
-
-    def before_bucket(self, ctx: StepContext, params) -> None:
-        seg = [0]
-        for p in params:
-            seg.append(seg[-1] + p.numel())
-        ctx.segments = seg
-        self.params[ctx.key] = (list(params), StepContext(ctx.key, ctx.step, ctx.numel, seg, ctx.names))
-        if ctx.step >= self.warmup_steps:
-            self.init_bucket(ctx.key, flat_params(params))
-        if self.optimizer is None and self.sync_due(ctx.step - 1):
-            self._run_sync(ctx.key, ctx.step - 1)
-
-    def after_optimizer_step(self) -> None:
-        s = self.step - 1
-        if self.sync_due(s):
-            for key in sorted(self.params, key=repr):
-                self._run_sync(key, s)
-
-    def encode(self, grad, ctx: StepContext) -> Exchange:
-        if self.check_finite:
-            self.check_flag(nonfinite_flag(grad), ctx)  # local only: nothing is shared this step
-        return Exchange("none")
-
-    def decode(self, grad, received, ctx):
-        return grad
-
-    def state_dict(self):
-        sd = super().state_dict()
-        sd["synced"] = dict(self._synced)
-        return sd
-
-    def load_state_dict(self, sd):
-        super().load_state_dict(sd)
-        self._synced = dict(sd.get("synced", {}))
+from ..state import StepContext, nonfinite_flag
+from .model_sync import ModelSync, flat_params, write_params
 
 
 class QsparseLocalSGD(ModelSync):
@@ -214,7 +124,7 @@ class QsparseLocalSGD(ModelSync):
             m.add_(xhat).sub_(x)                                   # p = m + x̂ − x
             flag = nonfinite_flag(m) if self.check_finite else torch.zeros(1, device=x.device)
             payload = self.compressor.compress_ef(m, mk, pctx.segments)   # m ← p − QComp(p)
-            buf = pack_payload(payload, flag)
+            buf = pack(payload, flag)
         else:
             buf = torch.zeros(1, device=x.device).view(torch.uint8)      # the flag only
         self.timed(t0)
