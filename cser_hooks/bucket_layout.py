@@ -210,12 +210,13 @@ class BucketLayout:
             t = self._stage_bufs[ck] = torch.empty(self.numel(key), dtype=like.dtype, device=like.device)
         return t
 
-    def remap(self, step: int, grad: torch.Tensor, pids: list, run: Callable[[Any, torch.Tensor], Future]) -> Future:
+    def remap(self, iteration: int, grad: torch.Tensor, pids: list, run: Callable[[Any, torch.Tensor], Future]
+              ) -> Future:
         """Copy this DDP bucket's gradients into the canonical buckets; run every canonical bucket that
         is now complete (``run(key, flat)`` launches its collective and returns the Future of the
         gradient to apply); return a Future that completes when this bucket's values are back."""
-        if self._staging is None or self._staging[0] != step:
-            self._staging = (step, _Staging(self))
+        if self._staging is None or self._staging[0] != iteration:  # per iteration: a skipped step reruns its number
+            self._staging = (iteration, _Staging(self))
             if self.iterations > 0 and not self._warned:
                 self._warned = True
                 warnings.warn("cser_hooks: DDP's bucket layout differs from the state's (fixed at its first "
@@ -284,9 +285,9 @@ class BucketLayout:
         else:
             waiter.fut.set_result(waiter.buf)
 
-    def unlaunched(self, step: int) -> list:
-        """Canonical keys not run in this step (at DDP's last bucket: a parameter never arrived)."""
-        if self._staging is None or self._staging[0] != step:
+    def unlaunched(self, iteration: int) -> list:
+        """Canonical keys not run in this iteration (at DDP's last bucket: a parameter never arrived)."""
+        if self._staging is None or self._staging[0] != iteration:
             return []
         st = self._staging[1]
         return [k for k in self.canonical if k not in st.launched]

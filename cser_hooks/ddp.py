@@ -57,6 +57,7 @@ def run_hook(state: AlgorithmState, bucket: dist.GradBucket) -> torch.futures.Fu
             layout.note_fingerprints(pids)
         if not state._agreed:
             state.check_agreement()
+        state.begin_iteration(layout.iterations)
         state.count_dense(grad)
         if state.step < state.warmup_steps:
             state.comm.label = f"step {state.step} (warm-up), bucket {bucket.index()!r}"
@@ -65,7 +66,7 @@ def run_hook(state: AlgorithmState, bucket: dist.GradBucket) -> torch.futures.Fu
         layout.observe(key, pids, params, state.step)
         if layout.matches(key, pids):
             return _run_key(state, key, grad, list(params))
-        return layout.remap(state.step, grad, pids,
+        return layout.remap(layout.iterations, grad, pids,
                             lambda k, flat: _run_key(state, k, flat, layout.key_params(k)))
     finally:
         if bucket.is_last():
@@ -80,9 +81,12 @@ def _run_key(state: AlgorithmState, key, grad: torch.Tensor, params: list) -> to
     ctx = StepContext(key, state.step, grad.numel(), _segments(state, key, params), state.names_of(params))
     where = f"step {ctx.step}, bucket {key!r}"
     state.comm.label = where
+    state.before_key(key)
     state.before_bucket(ctx, params)
     ex = state.encode(grad, ctx)
     ctx.extra["exchange"] = ex
+    if state.guard is not None and ex.flag is not None:
+        state.guard.expect()
     try:
         fut = launch(state.comm, ex)
     except RuntimeError as e:
@@ -98,7 +102,7 @@ def _run_key(state: AlgorithmState, key, grad: torch.Tensor, params: list) -> to
 
 
 def _check_all_launched(state: AlgorithmState) -> None:
-    left = state.buckets.unlaunched(state.step)
+    left = state.buckets.unlaunched(state.buckets.iterations)
     if left:
         raise RuntimeError(
             f"cser_hooks: rank {state.comm.rank}, step {state.step}: DDP reduced no gradient for some parameters of "

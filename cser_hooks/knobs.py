@@ -1,4 +1,4 @@
-"""Validation of integer knobs, shared by every state (a bad value gets an error naming the fix).
+"""Validation of knobs and checkpoints shared by every state (a bad value gets an error naming the fix).
 
 ``int(2.5)`` is 2: a ``period=2.5`` used to reset every 2 steps without a word. Integer knobs take
 ints (or integral floats such as ``4.0``, and NumPy integers); anything else is a ``ValueError``
@@ -7,6 +7,10 @@ that names the state, the knob, the value and the valid range.
 from __future__ import annotations
 
 import numbers
+
+import torch
+
+from .nonfinite import POLICIES
 
 
 def integer_knob(who: str, name: str, value, minimum: int | None = None) -> int:
@@ -19,3 +23,45 @@ def integer_knob(who: str, name: str, value, minimum: int | None = None) -> int:
     if minimum is not None and v < minimum:
         raise ValueError(f"{who}: {name} must be {valid}, got {value!r}")
     return v
+
+
+def check_common_knobs(who: str, check_finite, on_nonfinite, skip_capable: bool, optimizer, named_parameters):
+    """The base state's flags, policy, optimizer and named_parameters; returns named_parameters as a list."""
+    if check_finite not in (True, False):  # bool("no") is True
+        raise ValueError(f"{who}: check_finite must be True or False, got {check_finite!r}")
+    if on_nonfinite not in POLICIES:
+        raise ValueError(f"{who}: on_nonfinite must be 'raise' or 'skip' (fp16 autocast with a GradScaler), "
+                         f"got {on_nonfinite!r}")
+    if on_nonfinite == "skip" and not check_finite:
+        raise ValueError(f"{who}: on_nonfinite='skip' needs check_finite=True (the flags decide the skip)")
+    if on_nonfinite == "skip" and not skip_capable:
+        raise ValueError(f"{who}: on_nonfinite='skip' is not supported by this configuration yet (its local "
+                         f"steps exchange no flag, so ranks could skip different steps); use 'raise' and bf16")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"{who}: optimizer must be a torch.optim.Optimizer (the one whose step() follows the "
+                        f"backward) or None, got {type(optimizer).__name__}")
+    if named_parameters is None:
+        return None
+    named_parameters = list(named_parameters)
+    if not all(isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+               and isinstance(item[1], torch.Tensor) for item in named_parameters):
+        raise ValueError(f"{who}: named_parameters must be model.named_parameters() ((name, parameter) "
+                         f"pairs), not model.parameters()")
+    return named_parameters
+
+
+def check_checkpoint(sd, mine: dict, rank: int) -> None:
+    """``sd`` is a state_dict() of this algorithm, these settings and this rank, or a ValueError saying which not."""
+    if not isinstance(sd, dict) or "config" not in sd or "buffers" not in sd:
+        raise ValueError("cser_hooks: load_state_dict expects the dict returned by state_dict()")
+    theirs = sd["config"]
+    if theirs.get("algorithm") != mine["algorithm"]:
+        raise ValueError(f"cser_hooks: checkpoint is for algorithm {theirs.get('algorithm')!r}, this state is "
+                         f"{mine['algorithm']!r}; load it into the matching state class.")
+    for k in sorted(set(mine) | set(theirs)):
+        if mine.get(k) != theirs.get(k):
+            raise ValueError(f"cser_hooks: checkpoint setting {k!r} = {theirs.get(k)!r} differs from this "
+                             f"state's {mine.get(k)!r}; construct the state with the checkpoint's settings.")
+    if sd.get("rank") != rank:
+        raise ValueError(f"cser_hooks: checkpoint was saved by rank {sd.get('rank')}, this is rank "
+                         f"{rank}; each rank must load its own state_dict.")

@@ -12,7 +12,6 @@ changes the model, ``after_optimizer_step`` / ``before_bucket``.
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -24,7 +23,9 @@ from .bucket_layout import BucketLayout
 from .comm import Communicator
 from .compressors import MaskKey
 from .compressors.per_tensor import PerTensor
-from .knobs import integer_knob
+from .counters import StepCounters
+from .knobs import check_checkpoint, check_common_knobs, integer_knob
+from .nonfinite import StepGuard, nonfinite_error, poison
 
 
 class Kind(Enum):
@@ -83,38 +84,27 @@ class AlgorithmState:
     # own; they are collected along the MRO, so no class writes a state_dict override for them.
     persisted: tuple[tuple[str, str], ...] = (("_lr_of", "lr_of"),)
     __slots__ = ("comm", "seed", "warmup_steps", "check_finite", "step", "buffers", "optimizer",
-                 "_agreed", "_loaded", "_pending_flag", "_bytes_total", "_bytes_last", "_dense_last",
-                 "_dense_acc", "_dense_total", "_steps_counted", "_coll_last", "_coll_total", "_compress_seconds",
-                 "_comm_seconds",
-                 "_hook_handle", "param_names", "_per_tensor", "seg_cache", "_lr_of", "buckets", "__weakref__")
+                 "_agreed", "_loaded", "_pending_flag", "counters",
+                 "_hook_handle", "param_names", "_per_tensor", "seg_cache", "_lr_of", "buckets", "on_nonfinite",
+                 "guard", "_iteration", "__weakref__")
 
     def __init__(self, comm: Communicator, *, seed: int = 0, warmup_steps: int = 1, optimizer=None,
-                 check_finite: bool = True, named_parameters=None):
+                 check_finite: bool = True, named_parameters=None, on_nonfinite: str = "raise"):
         self.comm = comm
         self.seed = integer_knob(type(self).__name__, "seed", seed)
         self.warmup_steps = integer_knob(type(self).__name__, "warmup_steps", warmup_steps, 0)
-        who = type(self).__name__
-        if check_finite not in (True, False):  # bool("no") is True
-            raise ValueError(f"{who}: check_finite must be True or False, got {check_finite!r}")
+        named_parameters = check_common_knobs(type(self).__name__, check_finite, on_nonfinite, self.skip_capable(),
+                                              optimizer, named_parameters)
         self.check_finite = bool(check_finite)
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"{who}: optimizer must be a torch.optim.Optimizer (the one whose step() follows the "
-                            f"backward) or None, got {type(optimizer).__name__}")
-        if named_parameters is not None:
-            named_parameters = list(named_parameters)
-            if not all(isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
-                       and isinstance(item[1], torch.Tensor) for item in named_parameters):
-                raise ValueError(f"{who}: named_parameters must be model.named_parameters() ((name, parameter) "
-                                 f"pairs), not model.parameters()")
+        self.on_nonfinite = on_nonfinite
+        self.guard = StepGuard() if on_nonfinite == "skip" else None
+        self._iteration = None
         self.step = 0
         self.buffers: dict[Any, dict[str, torch.Tensor]] = {}
         self._agreed = False
         self._loaded: dict[Any, dict[str, torch.Tensor]] = {}
         self._pending_flag = None
-        self._bytes_total = self._bytes_last = self._dense_last = self._dense_acc = self._dense_total = 0
-        self._steps_counted = 0
-        self._coll_last = self._coll_total = 0
-        self._compress_seconds = self._comm_seconds = 0.0
+        self.counters = StepCounters()
         self._hook_handle = None
         # per-tensor mode: masks keyed by parameter name (docs/algorithms.md §3 last paragraph; makes the
         # DDP and Horovod front ends select the same coordinates)
@@ -128,10 +118,15 @@ class AlgorithmState:
             self.attach_optimizer(optimizer)
 
     # -- configuration ---------------------------------------------------------------------
+    def skip_capable(self) -> bool:
+        """Whether every step's exchange carries the non-finite flag (needed by on_nonfinite='skip')."""
+        return True
+
     def config(self) -> dict[str, Any]:
         """Every setting all ranks must agree on (checked at the first hook call)."""
         return {"algorithm": self.algorithm, "seed": self.seed, "warmup_steps": self.warmup_steps,
-                "world_size": self.comm.world_size, "per_tensor": self.param_names is not None}
+                "world_size": self.comm.world_size, "per_tensor": self.param_names is not None,
+                **({"on_nonfinite": "skip"} if self.guard is not None else {})}
 
     def names_of(self, params) -> list | None:
         """Parameter names of a bucket's tensors in per-tensor mode (else None)."""
@@ -175,6 +170,10 @@ class AlgorithmState:
         self._hook_handle = optimizer.register_step_post_hook(lambda opt, args, kwargs: self._post_step())
 
     def _post_step(self) -> None:
+        if self.guard is not None:
+            v = self.guard.verdict()
+            if v is not None and v[1] != 0:
+                raise nonfinite_error(self.comm.rank, v[1], v[0], None, type(self).__name__, applied=True)
         where = f"step {self.step - 1}, after optimizer.step() (model synchronization)"
         self.comm.label = where
         try:
@@ -214,6 +213,8 @@ class AlgorithmState:
             else:
                 t = torch.zeros(numel, device=device, dtype=dtype)
             slot[name] = t
+            if self.guard is not None:
+                self.guard.created(key, name, loaded)
         elif t.numel() != numel:
             raise ValueError(f"cser_hooks: key {key!r} changed size from {t.numel()} to {numel} elements. "
                              f"Buckets must not change after warm-up; raise warmup_steps above 1 if DDP rebuilds "
@@ -255,17 +256,43 @@ class AlgorithmState:
     def after_optimizer_step(self) -> None:
         """Model-side work right after optimizer.step() (needs attach_optimizer)."""
 
-    # -- guard, timing, step accounting ------------------------------------------------------
+    # -- non-finite policy (cser_hooks/nonfinite.py), timing, step accounting -------------------
     def raise_if_nonfinite(self, flag_value: float, ctx: StepContext) -> None:
         if flag_value != 0:
-            raise FloatingPointError(
-                f"cser_hooks: rank {self.comm.rank}: non-finite gradient (NaN/Inf) on {int(flag_value)} rank(s) at "
-                f"step {ctx.step}, bucket {ctx.key!r} ({type(self).__name__}); every rank raises this together. "
-                f"Lower the learning rate or clip the gradients; with fp16 autocast and a GradScaler, overflow steps "
-                f"are not skipped by the hook yet: train in bf16 or fp32.")
+            raise nonfinite_error(self.comm.rank, flag_value, ctx.step, ctx.key, type(self).__name__)
 
-    def check_flag(self, flag: torch.Tensor, ctx: StepContext) -> None:
-        """Raise on all ranks when the summed flag is non-zero; deferred one step on CUDA (no sync)."""
+    def begin_iteration(self, iteration: int) -> None:
+        """The front end's first hook call of an iteration: settle the last step's verdict (skip
+        policy: a flagged step is undone and its step number runs again), snapshot the dicts."""
+        if self.guard is None or self._iteration == iteration:
+            return
+        if self.optimizer is None:
+            raise ValueError(f"{type(self).__name__}: on_nonfinite='skip' needs the optimizer (optimizer=... or "
+                             f"attach_optimizer): its step post-hook tells a skipped step from one that ran")
+        self._iteration = iteration
+        self.settle()
+        self.guard.begin({attr: getattr(self, attr) for attr, _ in self._persisted()})
+
+    def settle(self) -> None:
+        """Read the pending verdict of the skip policy and undo a flagged step (one host read)."""
+        v = self.guard.verdict() if self.guard is not None else None
+        if v is not None and v[1] != 0:
+            self.guard.restore(self)
+            self.step = v[0]
+
+    def before_key(self, key) -> None:
+        """Before a key's model-side work and encode: the skip policy's snapshot of its tensors."""
+        if self.guard is not None:
+            self.guard.snapshot(key, self.buffers.get(key, {}))
+
+    def check_flag(self, flag: torch.Tensor, ctx: StepContext, grad: torch.Tensor | None = None) -> None:
+        """The summed flag of a decoded key. raise: every rank raises when it is non-zero (deferred one
+        bucket on CUDA: no sync). skip: added to the step's verdict; ``grad`` gets a NaN when flagged."""
+        if self.guard is not None:
+            self.guard.add(flag)
+            if grad is not None:
+                poison(grad, flag)
+            return
         if flag.device.type == "cpu":
             self.raise_if_nonfinite(float(flag), ctx)
         else:
@@ -274,22 +301,16 @@ class AlgorithmState:
                 self.raise_if_nonfinite(float(prev[0]), prev[1])
 
     def timed(self, t0: float) -> None:
-        self._compress_seconds += time.perf_counter() - t0
+        self.counters.timed(t0)
 
     def count_dense(self, grad: torch.Tensor) -> None:
-        self._dense_acc += grad.numel() * grad.element_size()
+        self.counters.count_dense(grad)
 
     def finish_step(self) -> None:
         """Advance the step counter (DDP: on bucket.is_last()) and close this step's counters."""
-        self._bytes_last = self.comm.bytes_sent
-        self._coll_last = self.comm.collectives
-        self._coll_total += self._coll_last
-        self._comm_seconds += self.comm.comm_seconds
-        self.comm.reset_counters()
-        self._bytes_total += self._bytes_last
-        self._dense_last, self._dense_acc = self._dense_acc, 0
-        self._dense_total += self._dense_last
-        self._steps_counted += 1
+        if self.guard is not None and self.step >= self.warmup_steps:
+            self.guard.launched(self.step)
+        self.counters.close_step(self.comm)
         self.step += 1
 
     def stats(self) -> dict[str, Any]:
@@ -299,20 +320,17 @@ class AlgorithmState:
         ``compress_seconds`` is host time spent in encode/decode (on CUDA: launch time, kernels are
         asynchronous); ``comm_seconds`` is launch-to-completion time of the collectives.
         """
-        n = max(self._steps_counted, 1)
         return {
-            "algorithm": self.algorithm, "step": self.step,
-            "bytes_sent_total": self._bytes_total, "bytes_sent_last_step": self._bytes_last,
-            "bytes_sent_mean_per_step": self._bytes_total / n,
-            "dense_bytes_last_step": self._dense_last, "dense_bytes_total": self._dense_total,
-            "compression_ratio": (self._bytes_total / self._dense_total) if self._dense_total else None,
-            "collectives_last_step": self._coll_last, "collectives_total": self._coll_total,
-            "compress_seconds": self._compress_seconds, "comm_seconds": self._comm_seconds,
+            "algorithm": self.algorithm, "step": self.step, **self.counters.stats(),
+            "state_bytes": sum(t.numel() * t.element_size() for v in self.buffers.values() for t in v.values()),
+            "shadow_bytes": self.guard.nbytes() if self.guard is not None else 0,
+            "skipped_steps": self.guard.skipped_steps if self.guard is not None else 0,
         }
 
     # -- checkpointing -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Per-rank state: config, step (= RNG position), per-key tensors (on CPU)."""
+        self.settle()
         bufs = {k: {n: t.detach().cpu().clone() for n, t in v.items()} for k, v in self.buffers.items()}
         for k, v in self._loaded.items():  # restored but not used yet: keep them
             for n, t in v.items():
@@ -337,20 +355,7 @@ class AlgorithmState:
         DDP: call it after ``DDP(model)`` and after loading the model's state_dict, before the first
         step (README "Checkpoint and resume"); the first step checks each parameter against its
         fingerprint at save time and fails on every rank if the model is not the one saved."""
-        if not isinstance(sd, dict) or "config" not in sd or "buffers" not in sd:
-            raise ValueError("cser_hooks: load_state_dict expects the dict returned by state_dict()")
-        mine = self.config()
-        theirs = sd["config"]
-        if theirs.get("algorithm") != mine["algorithm"]:
-            raise ValueError(f"cser_hooks: checkpoint is for algorithm {theirs.get('algorithm')!r}, this state is "
-                             f"{mine['algorithm']!r}; load it into the matching state class.")
-        for k in sorted(set(mine) | set(theirs)):
-            if mine.get(k) != theirs.get(k):
-                raise ValueError(f"cser_hooks: checkpoint setting {k!r} = {theirs.get(k)!r} differs from this "
-                                 f"state's {mine.get(k)!r}; construct the state with the checkpoint's settings.")
-        if sd.get("rank") != self.comm.rank:
-            raise ValueError(f"cser_hooks: checkpoint was saved by rank {sd.get('rank')}, this is rank "
-                             f"{self.comm.rank}; each rank must load its own state_dict.")
+        check_checkpoint(sd, self.config(), self.comm.rank)
         self.buckets.load_state_dict(sd.get("layout"))
         self.step = int(sd["step"])
         for attr, entry in self._persisted():

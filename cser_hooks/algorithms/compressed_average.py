@@ -38,5 +38,5 @@ def decode_average(state: AlgorithmState, comp, grad: torch.Tensor, received, ex
                         ctx.extra["layout"])
     state.timed(t0)
     if flag is not None:
-        state.check_flag(flag, ctx)
+        state.check_flag(flag, ctx, grad)
     return grad

@@ -85,6 +85,8 @@ class CompSkip(AlgorithmState):
     def encode(self, grad, ctx: StepContext) -> Exchange:
         reserve = self.buffer(ctx.key, "reserve", ctx.numel, grad.device)
         if not self.sends(grad, ctx):
+            if self.guard is not None:  # skip policy: a non-finite local gradient is dropped, not reserved
+                grad = torch.where(torch.isfinite(grad.sum(dtype=torch.float32)), grad, torch.zeros_like(grad))
             reserve.add_(grad)
             self._skips[ctx.key] = self._skips.get(ctx.key, 0) + 1
             return Exchange(Kind.NONE)

@@ -16,8 +16,9 @@ Two modes of the state:
     optimizer must be ``torch.optim.SGD(..., momentum=0)`` (checked when given: ``optimizer=``).
     Its lr may change (ĝ_i is in gradient units; the optimizer applies the current η), and its
     ``weight_decay`` acts on x_i directly, outside m and C1. The hook sees the gradient as DDP
-    hands it over, so a GradScaler's changing loss scale (and a skipped inf/NaN step) would enter
-    m: use M-CSER without a loss scaler (fp32 or bf16).
+    hands it over, so m is in loss-scaled units: with a GradScaler use ``on_nonfinite="skip"`` (a
+    skipped overflow step leaves m untouched), and note that each change of the scale mixes two
+    scales in m until β^k forgets the old one; bf16 (no scaler) avoids both.
 
 The exact, optimizer-agnostic form implemented here (docs/algorithms.md §3 "Design choice"), with u_i
 = g_i (CSER) or v_i (M-CSER):
@@ -135,6 +136,9 @@ class CSER(AlgorithmState):
             check_mcser_optimizer(optimizer, self.momentum)
         super().attach_optimizer(optimizer)
 
+    def skip_capable(self) -> bool:
+        return self.c1.name != "zero"  # CSER-PL's local steps exchange no flag
+
     # -- gradient part ---------------------------------------------------------------------
     def momentum_direction(self, grad, ctx: StepContext) -> None:
         """M-CSER: m ← β m + g ; grad ← v = g + β m (Nesterov) or m. m is fp32, grad may be fp16/bf16."""
@@ -194,7 +198,7 @@ class CSER(AlgorithmState):
             grad.add_(r.to(grad.dtype))
         self.timed(t0)
         if ex.flag is not None:
-            self.check_flag(flag, ctx)
+            self.check_flag(flag, ctx, grad)
         return grad
 
     # -- reset (model part) --------------------------------------------------------------------

@@ -236,5 +236,5 @@ class DistEFSGDM(AlgorithmState):
         if acc is not grad:
             grad.copy_(acc)
         self.timed(t0)
-        self.check_flag(torch.stack(flags).sum().view(1), ctx)
+        self.check_flag(torch.stack(flags).sum().view(1), ctx, grad)
         return grad

@@ -42,6 +42,9 @@ class ModelSync(AlgorithmState):
         self._synced: dict = {}
         super().__init__(comm, **kw)
 
+    def skip_capable(self) -> bool:
+        return False  # local steps exchange no flag: ranks' GradScalers could skip different steps
+
     def sync_due(self, s: int) -> bool:
         raise NotImplementedError
 

@@ -1,0 +1,164 @@
+"""fp16 autocast + torch.amp.GradScaler with ``on_nonfinite="skip"`` (cser_hooks/nonfinite.py).
+
+Real 2-rank gloo DDP jobs on scikit-learn's digits, autocast to fp16 on the CPU, a real
+``GradScaler("cpu")``. An overflow is injected on rank 1 only, at chosen steps (its loss times inf,
+so its gradients hold inf/NaN, as a too-large loss scale produces). Checked:
+
+* every algorithm's state after the skipped step equals its state before it, bitwise (per-key
+  tensors, step counter = RNG position, per-key dicts), on both ranks; both GradScalers skipped
+  (their scale halved) and the model did not move;
+* a CSER full reset due at the skipped step happens after the next optimizer step that runs
+  (the replicas are bitwise equal right after it, and not before);
+* the non-finite check reads the device at most once per optimizer step, through the seam the
+  CUDA path uses (``StepGuard.host_reads``);
+* the job trains: with overflows injected at several steps each algorithm ends near the same job
+  without them;
+* ``on_nonfinite="raise"`` keeps its clear error on every rank, and "skip" without a GradScaler
+  (optimizer.step() runs on the flagged gradient) raises instead of training on NaN.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness import RankError, run_ranks
+
+pytestmark = [pytest.mark.timeout(400)]
+
+ALGOS = {
+    "ef_random_block": ("EFState", "ef_hook", {"compressor": "random_block:ratio=1/8,block=16"}, 0.9),
+    "ef_top_k": ("EFState", "ef_hook", {"compressor": "top_k:ratio=1/8"}, 0.9),
+    "cser": ("CSERState", "cser_hook", {"c1": "random_block:ratio=1/8,block=16", "c2": "identity",
+                                         "period": 4}, 0.9),
+    "mcser_top_k": ("CSERState", "cser_hook", {"c1": "top_k:ratio=1/8", "c2": "random_block:ratio=1/2,block=16",
+                                                "period": 4, "momentum": 0.9, "nesterov": True}, 0.0),
+    "compskip": ("CompSkipState", "compskip_hook", {"compressor": "top_k:ratio=1/8", "send_every": 2}, 0.9),
+    "dist_ef_sgdm": ("DistEFSGDMState", "dist_ef_sgdm_hook", {"momentum": 0.9}, 0.0),
+}
+BATCH, LR = 32, 0.05
+
+
+def _data():
+    from sklearn.datasets import load_digits
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float32) / 16.0
+    y = torch.tensor(y)
+    return x[:1500], y[:1500], x[1500:], y[1500:]
+
+
+def _snapshot(st) -> dict:
+    sd = st.state_dict()
+    return {"step": sd["step"], "buffers": {k: {n: t.clone() for n, t in v.items()} for k, v in sd["buffers"].items()},
+            "dicts": {k: dict(v) for k, v in sd.items() if k in ("lr_of", "reset_done", "skips")}}
+
+
+def _train(rank, ws, algo, steps, bad_steps, policy="skip", scaler_on=True, watch=()):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from cser_hooks import ddp as D
+
+    state_name, hook_name, kw, momentum = ALGOS[algo]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    ddp = DDP(model, bucket_cap_mb=0.01)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=momentum)
+    st = getattr(D, state_name)(optimizer=opt, on_nonfinite=policy, **kw)
+    ddp.register_comm_hook(st, getattr(D, hook_name))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=10 ** 6, enabled=scaler_on)
+    xtr, ytr, xte, yte = _data()
+    g = torch.Generator().manual_seed(100 + rank)
+    out = {"watch": {}, "reads": [], "equal_after": {}}
+    for it in range(steps):
+        idx = torch.randint(0, len(xtr), (BATCH,), generator=g)
+        before = _snapshot(st) if it in watch else None
+        params_before = [p.detach().clone() for p in model.parameters()]
+        reads0 = st.guard.host_reads if st.guard is not None else 0
+        scale0 = scaler.get_scale() if scaler_on else 1.0
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = torch.nn.functional.cross_entropy(ddp(xtr[idx]).float(), ytr[idx])
+        if rank == 1 and it in bad_steps:
+            loss = loss * float("inf")
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        if st.guard is not None:
+            out["reads"].append(st.guard.host_reads - reads0)
+        if it in watch:
+            out["watch"][it] = {"before": before, "after": _snapshot(st),
+                                "scale": (scale0, scaler.get_scale() if scaler_on else 1.0),
+                                "moved": any(not torch.equal(a, b) for a, b in zip(params_before, model.parameters()))}
+        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        everyone = [torch.empty_like(flat) for _ in range(ws)]
+        torch.distributed.all_gather(everyone, flat)
+        out["equal_after"][it] = all(torch.equal(everyone[0], e) for e in everyone)
+    with torch.no_grad():
+        out["acc"] = float((model(xte).argmax(1) == yte).float().mean())
+    out["stats"] = st.stats()
+    return out
+
+
+@pytest.mark.parametrize("algo", sorted(ALGOS))
+def test_skipped_step_leaves_state_bitwise_unchanged(algo):
+    bad = 7 if algo != "compskip" else 9   # CompSkip: a send step ((s + 1) % 2 == 0)
+    res = run_ranks(_train, 2, algo, 12, {bad}, watch=(bad,), timeout=200)
+    for rank, r in enumerate(res):
+        w = r["watch"][bad]
+        assert w["scale"][1] == w["scale"][0] / 2, f"rank {rank}: GradScaler did not skip ({w['scale']})"
+        assert not w["moved"], f"rank {rank}: the model moved on a skipped step"
+        b, a = w["before"], w["after"]
+        assert a["step"] == b["step"], (rank, b["step"], a["step"])
+        assert a["dicts"] == b["dicts"]
+        assert a["buffers"].keys() == b["buffers"].keys()
+        for k in b["buffers"]:
+            for n, t in b["buffers"][k].items():
+                assert torch.equal(a["buffers"][k][n], t), f"rank {rank}: {n!r} of key {k!r} changed"
+        assert r["stats"]["skipped_steps"] == 1
+        # the shadows are one copy of the per-key tensors (CSER with a shared-mask C1 stores none)
+        assert r["stats"]["shadow_bytes"] == r["stats"]["state_bytes"]
+        assert (r["stats"]["state_bytes"] > 0) == (algo != "cser")
+        # at most one device read per optimizer step for the non-finite check
+        assert max(r["reads"]) <= 1 and sum(r["reads"]) >= 12 - 2 - 1
+
+
+def test_cser_reset_due_at_a_skipped_step_runs_at_the_next():
+    # period 4, warm-up 1: the reset is due after step 3 (iteration 3); iteration 3 is skipped, so
+    # iteration 4 runs step 3 again and resets after its optimizer step.
+    res = run_ranks(_train, 2, "cser", 6, {3}, timeout=200)
+    eq = res[0]["equal_after"]
+    assert not eq[2] and not eq[3], eq
+    assert eq[4], eq
+    assert res[0]["stats"]["step"] == 5 and res[0]["stats"]["skipped_steps"] == 1
+
+
+@pytest.mark.parametrize("algo", ["cser", "ef_top_k", "dist_ef_sgdm"])
+def test_trains_through_overflows(algo):
+    clean = run_ranks(_train, 2, algo, 150, set(), timeout=300)
+    hit = run_ranks(_train, 2, algo, 150, {20, 60, 61, 110}, timeout=300)
+    assert clean[0]["acc"] > 0.85, clean[0]["acc"]
+    assert hit[0]["acc"] > clean[0]["acc"] - 0.03, (hit[0]["acc"], clean[0]["acc"])
+    assert hit[0]["stats"]["skipped_steps"] == 4
+
+
+def test_raise_policy_still_raises_on_every_rank():
+    with pytest.raises(RankError) as err:
+        run_ranks(_train, 2, "ef_random_block", 6, {3}, policy="raise", timeout=120)
+    text = str(err.value)
+    assert "non-finite gradient" in text and "on_nonfinite='skip'" in text
+    assert "rank 0" in text and "rank 1" in text
+
+
+def test_skip_without_a_scaler_raises_instead_of_training_on_nan():
+    with pytest.raises(RankError) as err:
+        run_ranks(_train, 2, "cser", 6, {3}, scaler_on=False, timeout=120)
+    assert "optimizer.step() ran on it" in str(err.value)
+
+
+def test_skip_refused_where_local_steps_carry_no_flag():
+    from cser_hooks.algorithms.qsparse import QsparseLocalSGD
+    from cser_hooks.comm import Communicator
+
+    with pytest.raises(ValueError, match="on_nonfinite='skip' is not supported"):
+        QsparseLocalSGD(Communicator(), on_nonfinite="skip")
+    with pytest.raises(ValueError, match="on_nonfinite must be"):
+        QsparseLocalSGD(Communicator(), on_nonfinite="ignore")
