@@ -84,7 +84,7 @@ def _run_key(state: AlgorithmState, key, grad: torch.Tensor, params: list) -> to
     state.before_key(key)
     state.before_bucket(ctx, params)
     ex = state.encode(grad, ctx)
-    ctx.extra["exchange"] = ex
+    ctx.exchange = ex
     if state.guard is not None and ex.flag is not None:
         state.guard.expect()
     try:

@@ -26,7 +26,7 @@ def exchange_for(compressor: Compressor, payload: tuple, flag: torch.Tensor | No
         if flag is not None:
             values = torch.cat([values.reshape(-1), flag.to(device=values.device, dtype=values.dtype)])
         return Exchange(Kind.ALLREDUCE, (values,), flag)
-    return Exchange(Kind.ALLGATHER, (pack(payload, flag),), flag)
+    return Exchange(Kind.ALLGATHER, (pack(payload, flag),), flag, layout=_layout(payload))
 
 
 def pack(payload, flag: torch.Tensor | None) -> torch.Tensor:
@@ -69,7 +69,7 @@ def unpack(buf: torch.Tensor, layout, has_flag: bool) -> tuple[tuple, torch.Tens
 
 
 def average_into(compressor: Compressor, ex: Exchange, received, out: torch.Tensor, mk: MaskKey,
-                 segments, world_size: int, layout) -> torch.Tensor | None:
+                 segments, world_size: int) -> torch.Tensor | None:
     """Write avg_j C(p_j) into ``out``; return the summed non-finite flag (a tensor) or None."""
     has_flag = ex.flag is not None
     if ex.kind is Kind.ALLREDUCE:
@@ -84,7 +84,7 @@ def average_into(compressor: Compressor, ex: Exchange, received, out: torch.Tens
     acc.zero_()
     flags = []
     for buf in received:
-        payload, f = unpack(buf, layout, has_flag)
+        payload, f = unpack(buf, ex.layout, has_flag)
         if f is not None:
             flags.append(f)
         compressor.decompress_add(payload, acc, 1.0 / world_size, mk, segments)

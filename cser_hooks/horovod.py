@@ -66,7 +66,7 @@ from .algorithms.ef import ErrorFeedback
 from .comm_horovod import HorovodCommunicator, _hvd
 from .compressors import get_compressor
 from .compressors.cast import FP16_MAX
-from .exchange import exchange_for, launch, layout_of
+from .exchange import exchange_for, launch
 from .state import AlgorithmState, Exchange, Kind, StepContext, nonfinite_flag
 
 __all__ = ["FP16", "BF16", "RandomBlock", "RandomK", "EF", "CSER", "AllgatherEF", "AllgatherCSER",
@@ -296,7 +296,7 @@ class _HorovodFrontEnd:
             self.comm.count_handed(tensor)
             return tensor, _Pending(flat, tensor.shape, None)
         ex = self.encode(flat, ctx)
-        ctx.extra["exchange"] = ex
+        ctx.exchange = ex
         if ex.kind is Kind.ALLGATHER:  # guarded at construction; kept for compressors added later
             raise ValueError(_NOT_ALLREDUCE_HINT.format(who=self._who, spec="?", alt="AllgatherEF"))
         payload = ex.tensors[0] if ex.kind is Kind.ALLREDUCE else flat.new_empty(0)
@@ -394,14 +394,13 @@ class _SharedMaskAverage(AlgorithmState):
         flag = nonfinite_flag(grad) if self.check_finite else None
         comp = self.compressor_for(self.compressor, ctx)
         payload = comp.compress(grad, self.mask_key(ctx, "c1"), ctx.segments)
-        ctx.extra["layout"] = layout_of(payload)
         ex = exchange_for(comp, payload, flag)
         self.timed(t0)
         return ex
 
     def decode(self, grad, received, ctx):
         return decode_average(self, self.compressor_for(self.compressor, ctx), grad, received,
-                              ctx.extra["exchange"], ctx)
+                              ctx.exchange, ctx)
 
 
 class RandomBlock(_HorovodFrontEnd, _SharedMaskAverage):
@@ -553,7 +552,7 @@ class _AllgatherFrontEnd(_HorovodFrontEnd):
                     ctx = None
                 else:
                     ex = self.encode(flat, ctx)
-                    ctx.extra["exchange"] = ex
+                    ctx.exchange = ex
                     fut = launch(self.comm, ex)
             launched.append((p, grad, flat, ctx, fut))
         for _p, grad, flat, ctx, fut in launched:

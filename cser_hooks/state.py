@@ -13,7 +13,7 @@ changes the model, ``after_optimizer_step`` / ``before_bucket``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -43,11 +43,16 @@ class Exchange:
     kind: a :class:`Kind`; tensors: what the collective carries.
     ``flag``: a 1-element float tensor, 1 where this rank's input was non-finite; it travels with
     the payload so all ranks learn about it and fail together (no hang, no silent divergence).
+    ``layout``: for ALLGATHER, the payload parts' (index, dtype, numel) in packing order
+    (``exchange.unpack`` reads every rank's buffer with it). ``carry``: what the algorithm's own
+    ``encode`` hands to its ``decode`` (CSER's local residual r_i, dist-EF-SGDM's chunk plan).
     """
 
     kind: Kind
     tensors: tuple = ()
     flag: torch.Tensor | None = None
+    layout: list | None = None
+    carry: Any = None
 
     def __post_init__(self):
         if not isinstance(self.kind, Kind):
@@ -63,7 +68,7 @@ class StepContext:
     numel: int
     segments: Sequence[int] | None = None
     names: Sequence[str] | None = None   # parameter names of the segments (per-tensor mode only)
-    extra: dict[str, Any] = field(default_factory=dict)
+    exchange: Exchange | None = None     # what ``encode`` returned (the front end sets it for ``decode``)
 
 
 class ConfigMismatchError(ValueError):

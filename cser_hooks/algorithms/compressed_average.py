@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from ..exchange import average_into, exchange_for, layout_of
+from ..exchange import average_into, exchange_for
 from ..state import AlgorithmState, Exchange, StepContext, nonfinite_flag
 
 
@@ -24,7 +24,6 @@ def encode_with_feedback(state: AlgorithmState, comp, p: torch.Tensor, ctx: Step
     payload = comp.compress_ef(p, mk, ctx.segments)
     if not error_feedback:
         p.zero_()
-    ctx.extra["layout"] = layout_of(payload)
     ex = exchange_for(comp, payload, flag)
     state.timed(t0)
     return ex
@@ -34,8 +33,7 @@ def decode_average(state: AlgorithmState, comp, grad: torch.Tensor, received, ex
                    ) -> torch.Tensor:
     t0 = time.perf_counter()
     mk = state.mask_key(ctx, "c1")
-    flag = average_into(comp, ex, received, grad, mk, ctx.segments, state.comm.world_size,
-                        ctx.extra["layout"])
+    flag = average_into(comp, ex, received, grad, mk, ctx.segments, state.comm.world_size)
     state.timed(t0)
     if flag is not None:
         state.check_flag(flag, ctx, grad)

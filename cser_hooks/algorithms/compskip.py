@@ -98,7 +98,7 @@ class CompSkip(AlgorithmState):
         return encode_with_feedback(self, self.compressor_for(self.compressor, ctx), e, ctx)
 
     def decode(self, grad, received, ctx):
-        ex = ctx.extra["exchange"]
+        ex = ctx.exchange
         if ex.kind is Kind.NONE:
             return grad.zero_()
         return decode_average(self, self.compressor_for(self.compressor, ctx), grad, received, ex, ctx)

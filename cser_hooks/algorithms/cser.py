@@ -49,7 +49,7 @@ import torch
 
 from ..compressors import get_compressor
 from ..compressors.base import is_real
-from ..exchange import average_into, exchange_for, layout_of
+from ..exchange import average_into, exchange_for
 from ..knobs import integer_knob
 from ..state import AlgorithmState, Exchange, Kind, StepContext, nonfinite_flag
 from .dist_ef_sgdm import check_plain_sgd
@@ -172,14 +172,13 @@ class CSER(AlgorithmState):
             if r.data_ptr() == grad.data_ptr():
                 r = r.clone()
             payload = c1.compress_ef(r, mk, ctx.segments)
-            ctx.extra["layout"] = layout_of(payload)
-            ctx.extra["r"] = r
             ex = exchange_for(c1, payload, flag)
+            ex.carry = r
         self.timed(t0)
         return ex
 
     def decode(self, grad, received, ctx):
-        ex = ctx.extra["exchange"]
+        ex = ctx.exchange
         if ex.kind is Kind.NONE:
             return grad
         t0 = time.perf_counter()
@@ -192,9 +191,8 @@ class CSER(AlgorithmState):
             # overwrite the selected blocks with their average; the local gradient stays elsewhere
             c1.overwrite(values, grad, mk, ctx.segments)
         else:
-            r = ctx.extra.pop("r")
-            flag = average_into(c1, ex, received, grad, mk, ctx.segments, self.comm.world_size,
-                                ctx.extra["layout"])
+            r, ex.carry = ex.carry, None
+            flag = average_into(c1, ex, received, grad, mk, ctx.segments, self.comm.world_size)
             grad.add_(r.to(grad.dtype))
         self.timed(t0)
         if ex.flag is not None:

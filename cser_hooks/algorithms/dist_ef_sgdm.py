@@ -219,13 +219,12 @@ class DistEFSGDM(AlgorithmState):
         es.copy_(p)
         pad = torch.zeros(plan.max_bytes - packed.numel(), dtype=torch.uint8, device=grad.device)
         out = torch.cat([flag.view(torch.uint8), packed, pad])
-        ctx.extra["plan"] = plan
         self.timed(t0)
-        return Exchange(Kind.ALLGATHER, (out,), flag)
+        return Exchange(Kind.ALLGATHER, (out,), flag, carry=plan)
 
     def decode(self, grad, received, ctx):
         t0 = time.perf_counter()
-        plan: ChunkPlan = ctx.extra["plan"]
+        plan: ChunkPlan = ctx.exchange.carry
         mk = self.mask_key(ctx, "c1")
         acc = grad if grad.dtype == torch.float32 else torch.empty(grad.numel(), device=grad.device)
         flags = []

@@ -49,4 +49,4 @@ class ErrorFeedback(AlgorithmState):
 
     def decode(self, grad, received, ctx):
         return decode_average(self, self.compressor_for(self.compressor, ctx), grad, received,
-                              ctx.extra["exchange"], ctx)
+                              ctx.exchange, ctx)
