@@ -23,6 +23,7 @@ setup(
         "cser_hooks.algorithms",
         "cser_hooks.bench",
         "cser_hooks.kernels",
+        "cser_hooks.horovod",
     ],
     install_requires=["torch>=2.1", NUMBA, "numpy"],
     extras_require={

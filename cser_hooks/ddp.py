@@ -20,8 +20,8 @@ from .algorithms.ef import ErrorFeedback
 from .algorithms.qprsgd import QPRSGD
 from .algorithms.qsparse import QsparseLocalSGD
 from .comm import TorchDistCommunicator
-from .exchange import launch
-from .state import AlgorithmState, StepContext
+from .exchange import StepContext, launch
+from .state import AlgorithmState
 
 __all__ = ["EFState", "ef_hook", "CSERState", "cser_hook", "CompSkipState", "compskip_hook", "run_hook",
            "DistEFSGDMState", "dist_ef_sgdm_hook", "QsparseLocalSGDState", "qsparse_local_sgd_hook",
@@ -55,7 +55,7 @@ def run_hook(state: AlgorithmState, bucket: dist.GradBucket) -> torch.futures.Fu
         pids = layout.ids_of(params, state.names_of(params))
         if layout.checking:
             layout.note_fingerprints(pids)
-        if not state._agreed:
+        if not state.agreed:
             state.check_agreement()
         state.begin_iteration(layout.iterations)
         state.count_dense(grad)

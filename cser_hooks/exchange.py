@@ -12,12 +12,57 @@ One collective per bucket keeps the order trivially identical on every rank.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
 
 import torch
 
 from .comm import Communicator, Future, completed
 from .compressors import Compressor, MaskKey
-from .state import Exchange, Kind
+
+
+class Kind(Enum):
+    """How an :class:`Exchange` travels."""
+
+    NONE = "none"            # nothing to send (local steps, skipped steps)
+    ALLREDUCE = "allreduce"  # tensors[0] is averaged over ranks: a shared-mask payload
+    ALLGATHER = "allgather"  # every rank's packed payload is gathered (exchange.pack / unpack)
+
+
+@dataclass
+class Exchange:
+    """What ``encode`` asks the front end to communicate.
+
+    kind: a :class:`Kind`; tensors: what the collective carries.
+    ``flag``: a 1-element float tensor, 1 where this rank's input was non-finite; it travels with
+    the payload so all ranks learn about it and fail together (no hang, no silent divergence).
+    ``layout``: for ALLGATHER, the payload parts' (index, dtype, numel) in packing order
+    (``exchange.unpack`` reads every rank's buffer with it). ``carry``: what the algorithm's own
+    ``encode`` hands to its ``decode`` (CSER's local residual r_i, dist-EF-SGDM's chunk plan).
+    """
+
+    kind: Kind
+    tensors: tuple = ()
+    flag: torch.Tensor | None = None
+    layout: list | None = None
+    carry: Any = None
+
+    def __post_init__(self):
+        if not isinstance(self.kind, Kind):
+            raise TypeError(f"Exchange.kind must be a Kind (Kind.NONE/ALLREDUCE/ALLGATHER), got {self.kind!r}")
+
+
+@dataclass
+class StepContext:
+    """Captured at the hook call, used by the (possibly later) decode: the step may advance meanwhile."""
+
+    key: Any
+    step: int
+    numel: int
+    segments: Sequence[int] | None = None
+    names: Sequence[str] | None = None   # parameter names of the segments (per-tensor mode only)
+    exchange: Exchange | None = None     # what ``encode`` returned (the front end sets it for ``decode``)
 
 
 def exchange_for(compressor: Compressor, payload: tuple, flag: torch.Tensor | None) -> Exchange:

@@ -10,7 +10,19 @@ import numbers
 
 import torch
 
+from .compressors.base import is_real
 from .nonfinite import POLICIES
+
+
+def momentum_knobs(who: str, momentum, nesterov, nesterov_fix: str, label: str = "momentum") -> tuple[float, bool]:
+    """(β, nesterov) of a state's own momentum: β in [0, 1), nesterov a bool that needs β > 0."""
+    if not (is_real(momentum) and 0.0 <= momentum < 1.0):
+        raise ValueError(f"{who}: {label} must be in [0, 1), got {momentum!r}")
+    if nesterov not in (True, False):  # bool("no") is True
+        raise ValueError(f"{who}: nesterov must be True or False, got {nesterov!r}")
+    if nesterov and float(momentum) == 0.0:
+        raise ValueError(f"{who}: nesterov=True needs momentum > 0; {nesterov_fix}")
+    return float(momentum), bool(nesterov)
 
 
 def integer_knob(who: str, name: str, value, minimum: int | None = None) -> int:

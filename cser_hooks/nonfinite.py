@@ -33,6 +33,12 @@ import torch
 POLICIES = ("raise", "skip")
 
 
+def nonfinite_flag(p: torch.Tensor) -> torch.Tensor:
+    """1.0 if p holds a NaN/Inf, else 0.0, without a host sync (one reduction over p)."""
+    s = p.sum(dtype=torch.float32)
+    return (~torch.isfinite(s)).to(torch.float32).view(1)
+
+
 def nonfinite_error(rank: int, nranks: float, step: int, key, who: str, applied: bool = False) -> FloatingPointError:
     if applied:
         return FloatingPointError(

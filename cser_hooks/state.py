@@ -13,8 +13,6 @@ changes the model, ``after_optimizer_step`` / ``before_bucket``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 import torch
@@ -24,61 +22,13 @@ from .comm import Communicator
 from .compressors import MaskKey
 from .compressors.per_tensor import PerTensor
 from .counters import StepCounters
+from .exchange import Exchange, StepContext
 from .knobs import check_checkpoint, check_common_knobs, integer_knob
 from .nonfinite import StepGuard, nonfinite_error, poison
 
 
-class Kind(Enum):
-    """How an :class:`Exchange` travels."""
-
-    NONE = "none"            # nothing to send (local steps, skipped steps)
-    ALLREDUCE = "allreduce"  # tensors[0] is averaged over ranks: a shared-mask payload
-    ALLGATHER = "allgather"  # every rank's packed payload is gathered (exchange.pack / unpack)
-
-
-@dataclass
-class Exchange:
-    """What ``encode`` asks the front end to communicate.
-
-    kind: a :class:`Kind`; tensors: what the collective carries.
-    ``flag``: a 1-element float tensor, 1 where this rank's input was non-finite; it travels with
-    the payload so all ranks learn about it and fail together (no hang, no silent divergence).
-    ``layout``: for ALLGATHER, the payload parts' (index, dtype, numel) in packing order
-    (``exchange.unpack`` reads every rank's buffer with it). ``carry``: what the algorithm's own
-    ``encode`` hands to its ``decode`` (CSER's local residual r_i, dist-EF-SGDM's chunk plan).
-    """
-
-    kind: Kind
-    tensors: tuple = ()
-    flag: torch.Tensor | None = None
-    layout: list | None = None
-    carry: Any = None
-
-    def __post_init__(self):
-        if not isinstance(self.kind, Kind):
-            raise TypeError(f"Exchange.kind must be a Kind (Kind.NONE/ALLREDUCE/ALLGATHER), got {self.kind!r}")
-
-
-@dataclass
-class StepContext:
-    """Captured at the hook call, used by the (possibly later) decode: the step may advance meanwhile."""
-
-    key: Any
-    step: int
-    numel: int
-    segments: Sequence[int] | None = None
-    names: Sequence[str] | None = None   # parameter names of the segments (per-tensor mode only)
-    exchange: Exchange | None = None     # what ``encode`` returned (the front end sets it for ``decode``)
-
-
 class ConfigMismatchError(ValueError):
     pass
-
-
-def nonfinite_flag(p: torch.Tensor) -> torch.Tensor:
-    """1.0 if p holds a NaN/Inf, else 0.0, without a host sync (one reduction over p)."""
-    s = p.sum(dtype=torch.float32)
-    return (~torch.isfinite(s)).to(torch.float32).view(1)
 
 
 class AlgorithmState:
@@ -145,7 +95,7 @@ class AlgorithmState:
 
     def compressor_for(self, comp, ctx: StepContext):
         """``comp`` itself, or in per-tensor mode its PerTensor wrapper for this key's tensors."""
-        if ctx.names is None or not comp.linear or comp.name in ("identity", "zero", "fp16", "bf16"):
+        if ctx.names is None or not comp.linear or comp.elementwise:
             return comp  # non-linear compressors work on the whole bucket; casts are the same either way
         ck = (id(comp), ctx.key)
         hit = self._per_tensor.get(ck)
@@ -167,11 +117,21 @@ class AlgorithmState:
                             f"rank {self.comm.rank} but {other.get(k)!r} on rank {r}. Construct the state with "
                             f"the same arguments on every rank.")
 
+    @property
+    def agreed(self) -> bool:
+        """Whether :meth:`check_agreement` has run (since construction or the last load)."""
+        return self._agreed
+
+    def use_optimizer(self, optimizer) -> None:
+        """The optimizer whose learning rate the state reads, without a step hook (for a front end that
+        closes steps and calls ``after_optimizer_step`` itself: Horovod's)."""
+        self.optimizer = optimizer
+
     def attach_optimizer(self, optimizer) -> None:
         """Run ``after_optimizer_step`` right after every ``optimizer.step()`` (a step post-hook)."""
         if self._hook_handle is not None:
             self._hook_handle.remove()
-        self.optimizer = optimizer
+        self.use_optimizer(optimizer)
         self._hook_handle = optimizer.register_step_post_hook(lambda opt, args, kwargs: self._post_step())
 
     def _post_step(self) -> None:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Launch scripts/examples/train_horovod.py (Horovod + cser_hooks.horovod.CSER) with horovodrun.
+# Launch scripts/examples/train_horovod.py (Horovod + cser_hooks.horovod.CSERCompression) with horovodrun.
 #
 #   scripts/launch_horovodrun.sh [train_horovod.py flags...]    e.g. --method cser --steps 300
 #

@@ -85,7 +85,8 @@ def make_state(cfg: dict, optimizer):
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
         return None, allreduce_hook
     if algo == "ef":
-        return D.EFState(compressor=cfg["compressor"], **common), D.ef_hook
+        return D.EFState(compressor=cfg["compressor"], error_feedback=cfg.get("error_feedback", True),
+                         **common), D.ef_hook
     if algo == "cser":
         opt = optimizer if cfg.get("give_optimizer", True) else None
         state = D.CSERState(c1=cfg["c1"], c2=cfg["c2"], period=cfg["period"], optimizer=opt,
@@ -176,6 +177,7 @@ CONFIGS = [
     dict(name="ef_rb_mom", algo="ef", compressor=RB16, momentum=0.9),
     dict(name="ef_topk_sgd", algo="ef", compressor=TOPK16, momentum=0.0),
     dict(name="ef_topk_mom", algo="ef", compressor=TOPK16, momentum=0.9),
+    dict(name="ef_topk_noef", algo="ef", compressor=TOPK16, momentum=0.9, error_feedback=False),
     _cser("cser_full_sgd", "identity", 0.0),
     _cser("cser_full_mom", "identity", 0.9),
     _cser("cser_part_sgd", RB4, 0.0),

@@ -59,6 +59,13 @@ def test_hook_matches_reference(world, name):
     assert moved > 100 * TOL, f"{name}: the parameters hardly moved ({moved}); the comparison is void"
 
 
+def test_plain_compressed_sgd_keeps_no_residual(world):
+    """error_feedback=False sends C(g) from the gradient itself: no per-key tensor at all."""
+    _, runs = world
+    assert all(r["stats"]["state_bytes"] == 0 for r in runs["ef_topk_noef"])
+    assert all(r["stats"]["state_bytes"] > 0 for r in runs["ef_topk_mom"])
+
+
 PAPER_COMPARABLE = [c["name"] for c in W.CONFIGS if c["algo"] == "cser" and c["momentum"] == 0.0
                     and not c.get("state_momentum") and c.get("give_optimizer", True)]
 MCSER = [c["name"] for c in W.CONFIGS if c["algo"] == "cser" and c.get("state_momentum")]
@@ -100,6 +107,7 @@ def test_replicas_stay_identical(world, name):
 WRONG = [
     ("ef_rb_sgd", dict(seed=1)),
     ("ef_topk_mom", dict(compressor="top_k:ratio=1/8")),
+    ("ef_topk_noef", dict(error_feedback=True)),
     ("cser_part_sgd", dict(seed=1)),
     ("cser_full_mom", dict(period=5)),
     ("cser_part_mom", dict(c2="random_block:ratio=1/4,block=16")),

@@ -424,7 +424,7 @@ def test_misuse_is_refused_with_the_fix_in_the_message(world):
     for k in ("ef_top_k", "ef_sign", "ef_qsgd", "ef_compose", "cser_top_k"):
         assert m[k].startswith("ValueError") and "not a shared-mask compressor" in m[k], m[k]
         assert "Allgather" in m[k] and "hvd.allgather" in m[k]
-    assert m["bf16"].startswith("NotImplementedError") and "FP16()" in m["bf16"]
+    assert m["bf16"].startswith("NotImplementedError") and "FP16Compression()" in m["bf16"]
     assert "named_parameters=model.named_parameters()" in m["random_block_no_names"]
     assert m["elastic"].startswith("RuntimeError") and "elastic is not supported" in m["elastic"]
     assert "plain torch optimizer" in m["allgather_wrapped"]
@@ -507,11 +507,11 @@ def test_same_parameters_as_the_ddp_hook_per_tensor(name):
 
 
 def test_gradient_to_name_mapping_survives_new_and_swapped_tensors():
-    from cser_hooks.horovod import _NamedParameters
+    from cser_hooks.horovod.names import NamedParameters
 
     a, b = torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(2, 3))
     c = torch.nn.Parameter(torch.zeros(4))
-    m = _NamedParameters([("a", a), ("b", b), ("c", c)], "T")
+    m = NamedParameters([("a", a), ("b", b), ("c", c)], "T")
     ga, gb = torch.ones(2, 3), torch.ones(2, 3)
     a.grad, b.grad = ga, gb
     assert (m.name_of(ga), m.name_of(gb)) == ("a", "b")
@@ -526,4 +526,4 @@ def test_gradient_to_name_mapping_survives_new_and_swapped_tensors():
     with pytest.raises(ValueError, match="not the .grad of any parameter"):
         m.name_of(torch.ones(2, 3))
     with pytest.raises(ValueError, match="named_parameters=model.named_parameters"):
-        _NamedParameters(None, "T")
+        NamedParameters(None, "T")

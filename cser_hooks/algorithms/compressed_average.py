@@ -4,7 +4,8 @@
 
 ``p`` is the fp32 residual buffer into which the caller has already added what is to be sent; it
 is overwritten with the new residual in the same pass as the compression (``compress_ef``).
-With ``error_feedback=False`` the residual is dropped (plain compressed SGD, for contrast).
+Without error feedback (plain compressed SGD, for contrast) ``encode_average(..., feedback=False)``
+sends C(g_i) straight from the gradient and keeps no residual.
 """
 from __future__ import annotations
 
@@ -12,18 +13,19 @@ import time
 
 import torch
 
-from ..exchange import average_into, exchange_for
-from ..state import AlgorithmState, Exchange, StepContext, nonfinite_flag
+from ..exchange import Exchange, StepContext, average_into, exchange_for
+from ..nonfinite import nonfinite_flag
+from ..state import AlgorithmState
 
 
-def encode_with_feedback(state: AlgorithmState, comp, p: torch.Tensor, ctx: StepContext,
-                         error_feedback: bool = True) -> Exchange:
+def encode_average(state: AlgorithmState, comp, x: torch.Tensor, ctx: StepContext, feedback: bool = True
+                   ) -> Exchange:
+    """feedback: Δ_i = C(p_i) and p_i ← p_i − Δ_i in one pass (``compress_ef``; ``x`` is the residual
+    buffer p). Without: Δ_i = C(g_i) from the gradient ``x``, nothing kept."""
     t0 = time.perf_counter()
-    flag = nonfinite_flag(p) if state.check_finite else None
+    flag = nonfinite_flag(x) if state.check_finite else None
     mk = state.mask_key(ctx, "c1")
-    payload = comp.compress_ef(p, mk, ctx.segments)
-    if not error_feedback:
-        p.zero_()
+    payload = comp.compress_ef(x, mk, ctx.segments) if feedback else comp.compress(x, mk, ctx.segments)
     ex = exchange_for(comp, payload, flag)
     state.timed(t0)
     return ex

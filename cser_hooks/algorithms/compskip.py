@@ -24,9 +24,10 @@ import torch
 
 from ..compressors import get_compressor
 from ..compressors.base import is_real
+from ..exchange import Exchange, Kind, StepContext
 from ..knobs import integer_knob
-from ..state import AlgorithmState, Exchange, Kind, StepContext
-from .compressed_average import decode_average, encode_with_feedback
+from ..state import AlgorithmState
+from .compressed_average import decode_average, encode_average
 
 
 class CompSkip(AlgorithmState):
@@ -95,7 +96,7 @@ class CompSkip(AlgorithmState):
         self.rescale_on_lr_change(ctx.key, ("e", "reserve"))
         e.add_(reserve).add_(grad)
         reserve.zero_()
-        return encode_with_feedback(self, self.compressor_for(self.compressor, ctx), e, ctx)
+        return encode_average(self, self.compressor_for(self.compressor, ctx), e, ctx)
 
     def decode(self, grad, received, ctx):
         ex = ctx.exchange

@@ -48,10 +48,10 @@ import time
 import torch
 
 from ..compressors import get_compressor
-from ..compressors.base import is_real
-from ..exchange import average_into, exchange_for
-from ..knobs import integer_knob
-from ..state import AlgorithmState, Exchange, Kind, StepContext, nonfinite_flag
+from ..exchange import Exchange, Kind, StepContext, average_into, exchange_for
+from ..knobs import integer_knob, momentum_knobs
+from ..nonfinite import nonfinite_flag
+from ..state import AlgorithmState
 from .dist_ef_sgdm import check_plain_sgd
 from .model_sync import write_params
 
@@ -104,23 +104,17 @@ class CSER(AlgorithmState):
                  momentum: float = 0.0, nesterov: bool = False, **kw):
         self.c1 = _compressor("c1", c1)
         self.c2 = _compressor("c2", c2)
-        if not self.c2.linear or self.c2.name in ("fp16", "bf16", "zero"):
-            raise ValueError(f"CSER: c2 must be 'identity' or a shared-mask sparsifier (random_block/random_k), "
-                             f"got {self.c2.spec()!r}: the reset averages the selected parameter blocks.")
         for name, c in (("c1", self.c1), ("c2", self.c2)):
             if c.linear and getattr(c, "scaled", False):
                 raise ValueError(f"CSER: {name}={c.spec()!r} is scaled; CSER overwrites the selected blocks with "
                                  f"their average (a projection), which a scaled mask is not. Drop ',scaled=1'.")
-        if not (is_real(momentum) and 0.0 <= momentum < 1.0):
-            raise ValueError(f"CSER: momentum (M-CSER's β) must be in [0, 1), got {momentum!r}")
-        if nesterov not in (True, False):  # bool("no") is True
-            raise ValueError(f"CSER: nesterov must be True or False, got {nesterov!r}")
-        if nesterov and float(momentum) == 0.0:
-            raise ValueError("CSER: nesterov=True needs momentum > 0 (M-CSER); for the optimizer's own Nesterov "
-                             "momentum pass it to the optimizer and keep the state's momentum=0")
+        if not (self.c2.linear and self.c2.projection):
+            raise ValueError(f"CSER: c2 must be 'identity' or a shared-mask sparsifier (random_block/random_k), "
+                             f"got {self.c2.spec()!r}: the reset averages the selected parameter blocks.")
+        self.momentum, self.nesterov = momentum_knobs(
+            "CSER", momentum, nesterov, "M-CSER's momentum; for the optimizer's own Nesterov momentum pass it to "
+            "the optimizer and keep the state's momentum=0", label="momentum (M-CSER's β)")
         self.period = integer_knob("CSER", "period (H)", period, 1)
-        self.momentum = float(momentum)
-        self.nesterov = bool(nesterov)
         self.params: dict[object, tuple] = {}
         self._reset_done: dict[object, int] = {}
         super().__init__(comm, **kw)
@@ -137,7 +131,7 @@ class CSER(AlgorithmState):
         super().attach_optimizer(optimizer)
 
     def skip_capable(self) -> bool:
-        return self.c1.name != "zero"  # CSER-PL's local steps exchange no flag
+        return not self.c1.sends_nothing  # CSER-PL's local steps exchange no flag
 
     # -- gradient part ---------------------------------------------------------------------
     def momentum_direction(self, grad, ctx: StepContext) -> None:
@@ -161,7 +155,7 @@ class CSER(AlgorithmState):
         flag = nonfinite_flag(grad) if self.check_finite else None
         mk = self.mask_key(ctx, "c1")
         c1 = self.compressor_for(self.c1, ctx)
-        if c1.name == "zero":
+        if c1.sends_nothing:
             ex = Exchange(Kind.NONE, (), flag)
             if flag is not None:
                 self.check_flag(flag, ctx)  # local only: nothing is shared, no other rank can hang
@@ -221,8 +215,8 @@ class CSER(AlgorithmState):
                 params, pctx = self.params[key]
                 c2 = self.compressor_for(self.c2, pctx)
                 flat = torch.cat([p.detach().reshape(-1) for p in params])
-                mk = None if c2.name == "identity" else self.mask_key(pctx, "c2", step=s)
-                values = flat if mk is None else c2.compress(flat, mk, pctx.segments)[0]
+                mk = self.mask_key(pctx, "c2", step=s)
+                values = c2.compress(flat, mk, pctx.segments)[0]  # identity: flat itself
                 parts.append((params, pctx, c2, flat, mk, values))
             for dtype in sorted({v.dtype for *_, v in parts}, key=str):
                 group = [v for *_, v in parts if v.dtype == dtype]
@@ -234,7 +228,7 @@ class CSER(AlgorithmState):
                         v.copy_(joined[o:o + v.numel()])
                         o += v.numel()
             for params, pctx, c2, flat, mk, values in parts:
-                if mk is not None:
+                if values is not flat:
                     c2.overwrite(values, flat, mk, pctx.segments)
                 write_params(params, flat)
 

@@ -61,9 +61,11 @@ from dataclasses import dataclass
 import torch
 
 from ..compressors import get_compressor
-from ..compressors.base import is_real
 from ..compressors.sign import SignBlockwise
-from ..state import AlgorithmState, Exchange, Kind, StepContext, nonfinite_flag
+from ..exchange import Exchange, Kind, StepContext
+from ..knobs import momentum_knobs
+from ..nonfinite import nonfinite_flag
+from ..state import AlgorithmState
 
 
 @dataclass
@@ -130,18 +132,11 @@ class DistEFSGDM(AlgorithmState):
     def __init__(self, comm, compressor="sign_blockwise", *, momentum: float = 0.9, nesterov: bool = True,
                  **kw):
         self.compressor = get_compressor(compressor)
-        if self.compressor.name != "sign_blockwise":
+        if not isinstance(self.compressor, SignBlockwise):
             raise ValueError(f"dist-EF-SGDM: compressor must be 'sign_blockwise' (optionally ':block=b'), got "
                              f"{self.compressor.spec()!r}; for other compressors use EFState.")
-        if not (is_real(momentum) and 0.0 <= momentum < 1.0):
-            raise ValueError(f"dist-EF-SGDM: momentum must be in [0, 1), got {momentum!r}")
-        if nesterov not in (True, False):  # bool("no") is True
-            raise ValueError(f"dist-EF-SGDM: nesterov must be True or False, got {nesterov!r}")
-        if nesterov and float(momentum) == 0.0:
-            raise ValueError("dist-EF-SGDM: nesterov=True (the default) needs momentum > 0; pass nesterov=False "
-                             "for momentum=0")
-        self.momentum = float(momentum)
-        self.nesterov = bool(nesterov)
+        self.momentum, self.nesterov = momentum_knobs(
+            "dist-EF-SGDM", momentum, nesterov, "nesterov=True is the default: pass nesterov=False for momentum=0")
         self._sign = SignBlockwise(None)   # blocks are given per chunk as ``segments``
         self._plans: dict[tuple, ChunkPlan] = {}
         super().__init__(comm, **kw)

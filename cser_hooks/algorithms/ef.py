@@ -13,8 +13,9 @@ Without the optimizer, a constant η is assumed.
 from __future__ import annotations
 
 from ..compressors import get_compressor
-from ..state import AlgorithmState, StepContext
-from .compressed_average import decode_average, encode_with_feedback
+from ..exchange import StepContext
+from ..state import AlgorithmState
+from .compressed_average import decode_average, encode_average
 
 
 class ErrorFeedback(AlgorithmState):
@@ -24,7 +25,8 @@ class ErrorFeedback(AlgorithmState):
       compressor: the registry string, e.g. ``"top_k:ratio=1/64"`` or ``"random_block:ratio=1/32"``.
         Smaller ratios send less but need more steps; EF makes even 1/256 converge, usually with a
         warm-up of dense steps.
-      error_feedback: False drops the residual (plain compressed SGD; only for comparison).
+      error_feedback: False keeps no residual: ĝ = avg_j C(g_j), plain compressed SGD (for comparison, and
+        the Horovod front end's RandomBlockCompression / RandomKCompression).
       warmup_steps: dense allreduce steps first (>= 1 for DDP, which rebuilds buckets after step 0).
     """
 
@@ -42,10 +44,13 @@ class ErrorFeedback(AlgorithmState):
         return {**super().config(), "compressor": self.compressor.spec(), "error_feedback": self.error_feedback}
 
     def encode(self, grad, ctx: StepContext):
+        comp = self.compressor_for(self.compressor, ctx)
+        if not self.error_feedback:  # no residual kept (not even a zero one)
+            return encode_average(self, comp, grad, ctx, feedback=False)
         e = self.buffer(ctx.key, "e", ctx.numel, grad.device)
         self.rescale_on_lr_change(ctx.key, ("e",))
         e.add_(grad)
-        return encode_with_feedback(self, self.compressor_for(self.compressor, ctx), e, ctx, self.error_feedback)
+        return encode_average(self, comp, e, ctx)
 
     def decode(self, grad, received, ctx):
         return decode_average(self, self.compressor_for(self.compressor, ctx), grad, received,

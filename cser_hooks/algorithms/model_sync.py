@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from ..state import AlgorithmState, Exchange, Kind, StepContext, nonfinite_flag
+from ..exchange import Exchange, Kind, StepContext
+from ..nonfinite import nonfinite_flag
+from ..state import AlgorithmState
 
 
 def flat_params(params) -> torch.Tensor:

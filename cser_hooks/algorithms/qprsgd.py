@@ -45,9 +45,9 @@ import torch
 
 from ..compressors import get_compressor
 from ..compressors.base import is_real
-from ..exchange import layout_of, pack, unpack
+from ..exchange import StepContext, layout_of, pack, unpack
 from ..knobs import integer_knob
-from ..state import StepContext, nonfinite_flag
+from ..nonfinite import nonfinite_flag
 from .model_sync import ModelSync, flat_params, write_params
 
 

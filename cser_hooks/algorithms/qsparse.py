@@ -38,9 +38,9 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from ..compressors import get_compressor
-from ..exchange import layout_of, pack, unpack
+from ..exchange import StepContext, layout_of, pack, unpack
 from ..knobs import integer_knob
-from ..state import StepContext, nonfinite_flag
+from ..nonfinite import nonfinite_flag
 from .model_sync import ModelSync, flat_params, write_params
 
 

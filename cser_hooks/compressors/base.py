@@ -100,6 +100,19 @@ class Compressor:
     unbiased: bool = False
     #: True when compress() draws random numbers that must differ across ranks (QSGD).
     per_rank_randomness: bool = False
+    # capabilities the algorithms ask for (never a compressor's name):
+    #: C acts on each element alone (identity, casts, zero): tensor boundaries inside a bucket change
+    #: nothing, so per-tensor mode uses the compressor as it is.
+    elementwise: bool = False
+    #: C(x) = 0 and the payload is empty (zero): nothing to exchange, the step is local.
+    sends_nothing: bool = False
+    #: C keeps a mask-selected subset of the entries unchanged and drops the rest, the subset a
+    #: function of the MaskKey alone (identity, unscaled random_block/random_k): averaging C(x_j)
+    #: over ranks and writing it back is a projection, what CSER's reset needs of C2.
+    projection: bool = False
+    #: maps a vector of values to a code of the same length with no positions of its own (qsgd,
+    #: sign_blockwise, casts, identity): may follow a sparsifier in ``compose``.
+    quantizer: bool = False
 
     def spec(self) -> str:
         """The registry string that rebuilds this compressor (used for cross-rank agreement)."""

@@ -15,12 +15,26 @@ from .base import Compressor, check_input
 FP16_MAX = 65504.0
 
 
-class Identity(Compressor):
+class _Dense(Compressor):
+    """A payload that is the whole tensor, in some dtype: decompress is a cast, overwrite a copy."""
+
+    def decompress(self, payload, numel, dtype, mk, segments=None, out=None):
+        (v,) = payload
+        if out is None:
+            return v.to(dtype)
+        return out.copy_(v)
+
+    def overwrite(self, values, out, mk, segments=None):
+        return out.copy_(values)
+
+
+class Identity(_Dense):
     """C(x) = x. Payload: x itself (dense)."""
 
     name = "identity"
     linear = True
     unbiased = True
+    elementwise = projection = quantizer = True
 
     def delta(self, numel):
         return 1.0
@@ -29,30 +43,22 @@ class Identity(Compressor):
         check_input(x, self.name)
         return (x,)
 
-    def decompress(self, payload, numel, dtype, mk, segments=None, out=None):
-        (v,) = payload
-        if out is None:
-            return v.to(dtype)
-        return out.copy_(v)
-
     def compress_ef(self, p, mk, segments=None):
         check_input(p, self.name)
         payload = (p.clone(),)
         p.zero_()
         return payload
 
-    def overwrite(self, values, out, mk, segments=None):
-        return out.copy_(values)
-
     def wire_bytes(self, numel, dtype=torch.float32, segments=None):
         return numel * torch.empty((), dtype=dtype).element_size()
 
 
-class Cast(Compressor):
+class Cast(_Dense):
     """C(x) = cast(x) to ``wire_dtype`` and back; fp16 clips to ±65504 (see module docstring)."""
 
     linear = True
     unbiased = False
+    elementwise = quantizer = True
 
     def __init__(self, wire_dtype: torch.dtype):
         if wire_dtype not in (torch.float16, torch.bfloat16):
@@ -83,12 +89,6 @@ class Cast(Compressor):
             return (out,)
         return (x.to(self.wire_dtype),)
 
-    def decompress(self, payload, numel, dtype, mk, segments=None, out=None):
-        (v,) = payload
-        if out is None:
-            return v.to(dtype)
-        return out.copy_(v)
-
     def compress_ef(self, p, mk, segments=None):
         (v,) = self.compress(p, mk, segments)
         if v is p:  # p already has the wire dtype: C(p) = p, send a copy and keep residual 0
@@ -97,9 +97,6 @@ class Cast(Compressor):
         else:
             p.sub_(v.to(p.dtype))
         return (v,)
-
-    def overwrite(self, values, out, mk, segments=None):
-        return out.copy_(values)
 
     def wire_bytes(self, numel, dtype=torch.float32, segments=None):
         return numel * 2
@@ -111,6 +108,7 @@ class Zero(Compressor):
     name = "zero"
     linear = True
     unbiased = False
+    elementwise = sends_nothing = True
 
     def delta(self, numel):
         return 0.0

@@ -22,7 +22,7 @@ class Compose(Compressor):
     def __init__(self, sparsifier: Compressor, quantizer: Compressor):
         if not isinstance(sparsifier, (TopK, RandomBlock)):
             raise TypeError(f"compose: sparsifier must be top_k, random_k or random_block, got {sparsifier.spec()}")
-        if quantizer.name not in ("qsgd", "sign_blockwise", "fp16", "bf16", "identity"):
+        if not quantizer.quantizer:
             raise TypeError(f"compose: quantizer must be qsgd, sign_blockwise, fp16, bf16 or identity, got "
                             f"{quantizer.spec()}")
         self.sparsifier, self.quantizer = sparsifier, quantizer

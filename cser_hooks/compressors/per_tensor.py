@@ -27,6 +27,7 @@ class PerTensor(Compressor):
         self.inner, self.names = inner, list(names)
         self.name = inner.name
         self.unbiased = inner.unbiased
+        self.projection = inner.projection
 
     def spec(self):
         return self.inner.spec()

@@ -60,6 +60,7 @@ class QSGD(Compressor):
     name = "qsgd"
     linear = False
     unbiased = True
+    quantizer = True
     per_rank_randomness = True
 
     def __init__(self, s: int = 15, block: int = 512, scale: float = 1.0):

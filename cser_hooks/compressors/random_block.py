@@ -138,6 +138,7 @@ class RandomBlock(Compressor):
             raise ValueError(f"{name}: scaled must be 0 or 1 (False or True), got {scaled!r}")
         self.ratio, self.block, self.scaled = float(ratio), block, bool(scaled)
         self.unbiased = self.scaled
+        self.projection = not self.scaled
         self.name = name
         self._cache: tuple | None = None
 

@@ -52,6 +52,7 @@ def reference_decompress(bits, scales, offsets, numel, dtype) -> torch.Tensor:
 class SignBlockwise(Compressor):
     name = "sign_blockwise"
     linear = False
+    quantizer = True
     unbiased = False
 
     def __init__(self, block: int | None = None):

@@ -5,13 +5,13 @@
 
 The adoption (docs/algorithms.md §3, CSER)::
 
-    from cser_hooks.horovod import CSER
-    cser = CSER(model.named_parameters(), c1="random_block:ratio=1/64", c2="random_block:ratio=1/4",
-                period=16, seed=0, warmup_steps=1, optimizer=opt)
+    from cser_hooks.horovod import CSERCompression
+    cser = CSERCompression(model.named_parameters(), c1="random_block:ratio=1/64", c2="random_block:ratio=1/4",
+                           period=16, seed=0, warmup_steps=1, optimizer=opt)
     opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(), compression=cser)
 
 ``optimizer=opt`` runs CSER's error reset right after each ``optimizer.step()``. ``--method ef`` uses
-``cser_hooks.horovod.EF`` (error feedback, docs/algorithms.md §2) with a shared-mask compressor the same way.
+``cser_hooks.horovod.EFCompression`` (error feedback, docs/algorithms.md §2) with a shared-mask compressor the same way.
 
 Devices: with CUDA each rank uses ``cuda:hvd.local_rank()`` (Horovod built with
 HOROVOD_GPU_OPERATIONS=NCCL, as in the Docker image, then reduces on the GPU with NCCL); without it the
@@ -34,19 +34,19 @@ from train_ddp import accuracy, build_model, log, make_task  # noqa: E402  (the 
 
 
 def make_compression(method: str, model: nn.Module, opt: torch.optim.Optimizer, args):
-    """The Horovod ``compression=`` object: cser_hooks' CSER or EF, or Horovod's no-op for the baseline."""
+    """The Horovod ``compression=``: cser_hooks' CSERCompression or EFCompression, or Horovod's no-op."""
     import horovod.torch as hvd
 
     if method == "cser":
-        from cser_hooks.horovod import CSER
+        from cser_hooks.horovod import CSERCompression
 
-        return CSER(model.named_parameters(), c1=args.c1, c2=args.c2, period=args.period, seed=args.seed,
-                    warmup_steps=1, optimizer=opt)
+        return CSERCompression(model.named_parameters(), c1=args.c1, c2=args.c2, period=args.period,
+                               seed=args.seed, warmup_steps=1, optimizer=opt)
     if method == "ef":
-        from cser_hooks.horovod import EF
+        from cser_hooks.horovod import EFCompression
 
-        return EF(model.named_parameters(), compressor=args.ef_compressor, seed=args.seed, warmup_steps=1,
-                  optimizer=opt)
+        return EFCompression(model.named_parameters(), compressor=args.ef_compressor, seed=args.seed,
+                             warmup_steps=1, optimizer=opt)
     return hvd.Compression.none
 
 
@@ -58,7 +58,7 @@ def stats_of(compression) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--method", choices=("cser", "ef", "dense"), default="cser",
-                   help="cser / ef: cser_hooks.horovod.CSER / EF compression; dense: hvd.Compression.none")
+                   help="cser / ef: cser_hooks.horovod.CSERCompression / EFCompression; dense: hvd.Compression.none")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--data", choices=("synthetic", "digits"), default="synthetic")
     p.add_argument("--batch-size", type=int, default=64, help="per-rank batch size")

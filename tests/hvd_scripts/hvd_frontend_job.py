@@ -100,14 +100,20 @@ class Recorder:
 def make_compression(cfg: dict, model: nn.Module, opt):
     from cser_hooks import horovod as H
 
+    # a configuration's "cls" is the algorithm's label (the reference simulation in the test reads it)
+    CLASS_OF = {"FP16": H.FP16Compression, "BF16": H.BF16Compression, "RandomBlock": H.RandomBlockCompression,
+                "RandomK": H.RandomKCompression, "EF": H.EFCompression, "CSER": H.CSERCompression,
+                "AllgatherEF": H.AllgatherEF, "AllgatherCSER": H.AllgatherCSER}
+
     cls, kw = cfg["cls"], dict(cfg.get("kw", {}))
+    public = CLASS_OF[cls]
     if cls in ("FP16", "BF16"):
-        return getattr(H, cls)()
+        return public()
     if cls in ("RandomBlock", "RandomK"):
-        return getattr(H, cls)(named_parameters=model.named_parameters(), **kw)
+        return public(named_parameters=model.named_parameters(), **kw)
     if cfg.get("attach") == "inner" or cls.startswith("Allgather"):
         kw["optimizer"] = opt
-    return getattr(H, cls)(model.named_parameters(), **kw)
+    return public(model.named_parameters(), **kw)
 
 
 def snapshot(model: nn.Module) -> dict:
@@ -203,7 +209,7 @@ def misuse_messages(hvd) -> dict:
     def elastic():
         os.environ["HOROVOD_ELASTIC"] = "1"
         try:
-            H.EF(model.named_parameters())
+            H.EFCompression(model.named_parameters())
         finally:
             del os.environ["HOROVOD_ELASTIC"]
 
@@ -213,7 +219,7 @@ def misuse_messages(hvd) -> dict:
         H.AllgatherEF(model.named_parameters(), optimizer=dopt)
 
     def unknown_tensor():
-        comp = H.EF(model.named_parameters(), "random_block:ratio=1/4,block=8")
+        comp = H.EFCompression(model.named_parameters(), "random_block:ratio=1/4,block=8")
         comp.compress(torch.zeros(3, 3))
 
     def skipped_step():
@@ -222,7 +228,7 @@ def misuse_messages(hvd) -> dict:
 
         m = W.build_model()
         inner = torch.optim.SGD(m.parameters(), lr=0.1)
-        comp = H.EF(m.named_parameters(), "random_block:ratio=1/4,block=8", optimizer=inner)
+        comp = H.EFCompression(m.named_parameters(), "random_block:ratio=1/4,block=8", optimizer=inner)
         dopt = hvd.DistributedOptimizer(inner, named_parameters=m.named_parameters(), compression=comp)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -242,7 +248,7 @@ def misuse_messages(hvd) -> dict:
         """Ranks built with different seeds: the first compress fails on every rank, naming the field."""
         m = W.build_model()
         inner = torch.optim.SGD(m.parameters(), lr=0.1)
-        comp = H.EF(m.named_parameters(), "random_block:ratio=1/4,block=8", seed=hvd.rank(), optimizer=inner)
+        comp = H.EFCompression(m.named_parameters(), "random_block:ratio=1/4,block=8", seed=hvd.rank(), optimizer=inner)
         dopt = hvd.DistributedOptimizer(inner, named_parameters=m.named_parameters(), compression=comp)
         x, y = W.make_batch(hvd.rank(), 0)
         W.loss_fn(m(x), y).backward()
@@ -251,13 +257,13 @@ def misuse_messages(hvd) -> dict:
     return {
         "skipped_step": skipped_step(),
         "config_mismatch": catch(config_mismatch),
-        "ef_top_k": catch(lambda: H.EF(model.named_parameters(), "top_k:ratio=1/64")),
-        "ef_sign": catch(lambda: H.EF(model.named_parameters(), "sign_blockwise")),
-        "ef_qsgd": catch(lambda: H.EF(model.named_parameters(), "qsgd:s=15")),
-        "ef_compose": catch(lambda: H.EF(model.named_parameters(), "top_k:ratio=1/8 + qsgd:s=15")),
-        "cser_top_k": catch(lambda: H.CSER(model.named_parameters(), c1="top_k:ratio=1/64")),
-        "bf16": catch(H.BF16),
-        "random_block_no_names": catch(lambda: H.RandomBlock(1 / 64)),
+        "ef_top_k": catch(lambda: H.EFCompression(model.named_parameters(), "top_k:ratio=1/64")),
+        "ef_sign": catch(lambda: H.EFCompression(model.named_parameters(), "sign_blockwise")),
+        "ef_qsgd": catch(lambda: H.EFCompression(model.named_parameters(), "qsgd:s=15")),
+        "ef_compose": catch(lambda: H.EFCompression(model.named_parameters(), "top_k:ratio=1/8 + qsgd:s=15")),
+        "cser_top_k": catch(lambda: H.CSERCompression(model.named_parameters(), c1="top_k:ratio=1/64")),
+        "bf16": catch(H.BF16Compression),
+        "random_block_no_names": catch(lambda: H.RandomBlockCompression(1 / 64)),
         "elastic": catch(elastic),
         "allgather_wrapped": catch(allgather_wrapped),
         "allgather_as_compression": catch(
@@ -270,7 +276,7 @@ def fp16_extremes(hvd) -> dict:
     """FP16 on values beyond fp16's range and across ranks: finite, clipped, averaged."""
     from cser_hooks import horovod as H
 
-    comp = H.FP16()
+    comp = H.FP16Compression()
     t = torch.tensor([1e6, -1e6, 3.0, 1e-3]) * (hvd.rank() + 1)
     payload, ctx = comp.compress(t)
     handed = (payload.dtype, payload.numel() * payload.element_size())
@@ -280,7 +286,7 @@ def fp16_extremes(hvd) -> dict:
 
 def comm_checks(hvd) -> dict:
     """HorovodCommunicator's collectives on known data (each rank reports what it received)."""
-    from cser_hooks.comm_horovod import HorovodCommunicator
+    from cser_hooks.horovod.comm import HorovodCommunicator
 
     comm = HorovodCommunicator()
     r, n = comm.rank, comm.world_size

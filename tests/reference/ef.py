@@ -3,7 +3,8 @@
 Per bucket b and rank i, residual e (fp32, zero at start):
     p_i = g_i + e_i ;  Δ_i = C(p_i) ;  e_i = p_i − Δ_i ;  every rank applies avg_j Δ_j
 with the mask key (seed, step, bucket index, "c1"). Steps before ``warmup_steps`` are plain
-averages and leave e untouched.
+averages and leave e untouched. ``error_feedback=False``: Δ_i = C(g_i), no residual (plain
+compressed SGD).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from .masks import RefCompressor
 
 
 def simulate_ef(world: World, steps: int, layouts, compressor: str, seed: int = 0, warmup_steps: int = 1,
-                history: list | None = None):
+                history: list | None = None, error_feedback: bool = True):
     comp = RefCompressor(compressor)
     residual: dict = {}
 
@@ -20,9 +21,10 @@ def simulate_ef(world: World, steps: int, layouts, compressor: str, seed: int = 
         e = residual.setdefault(b, [g.new_zeros(g.shape) for g in grads])
         deltas = []
         for i, g in enumerate(grads):
-            p = g + e[i]
+            p = g + e[i] if error_feedback else g
             d = comp(p, seed, step, b, "c1")
-            e[i] = p - d
+            if error_feedback:
+                e[i] = p - d
             deltas.append(d)
         avg = average(deltas)
         return [avg] * len(grads)

@@ -25,7 +25,8 @@ def simulate(cfg: dict, init: dict, grad_fn, world_size: int, steps: int, layout
     common = dict(seed=cfg.get("seed", 0), warmup_steps=cfg.get("warmup_steps", 1), history=history)
     algo = cfg["algo"]
     if algo == "ef":
-        return simulate_ef(world, steps, layouts, cfg["compressor"], **common)
+        return simulate_ef(world, steps, layouts, cfg["compressor"], error_feedback=cfg.get("error_feedback", True),
+                           **common)
     if algo == "compskip":
         return simulate_compskip(world, steps, layouts, cfg["compressor"], send_every=cfg.get("send_every"),
                                  send_steps=cfg.get("send_steps"), **common)

@@ -1,4 +1,4 @@
-"""Collectives over Horovod (docs/architecture.md: the Horovod backend of ``comm.py``).
+"""Collectives over Horovod (docs/architecture.md: the Horovod backend of ``cser_hooks/comm.py``).
 
 :class:`HorovodCommunicator` is the :class:`~cser_hooks.comm.Communicator` the Horovod front end
 (``cser_hooks.horovod``) gives the algorithms. It serves what the algorithms launch themselves
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .comm import Communicator
+from ..comm import Communicator
 
 
 def _hvd():
