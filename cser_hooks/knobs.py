@@ -62,18 +62,41 @@ def check_common_knobs(who: str, check_finite, on_nonfinite, skip_capable: bool,
     return named_parameters
 
 
-def check_checkpoint(sd, mine: dict, rank: int) -> None:
-    """``sd`` is a state_dict() of this algorithm, these settings and this rank, or a ValueError saying which not."""
+WORLD_SIZE_POLICIES = ("raise", "reset")
+_LOAD_ONLY = ("world_size", "on_world_size_change")  # settings a checkpoint may differ in (see below)
+
+
+def check_world_size_policy(who: str, policy) -> None:
+    if policy not in WORLD_SIZE_POLICIES:
+        raise ValueError(f"{who}: on_world_size_change must be 'raise' or 'reset' (drop the per-rank state "
+                         f"when a checkpoint's world size differs, e.g. torchrun elastic), got {policy!r}")
+
+
+def check_checkpoint(sd, mine: dict, rank: int, policy: str = "raise") -> bool:
+    """``sd`` is a state_dict() of this algorithm, these settings and this rank, or a ValueError saying which
+    not. Returns True when the checkpoint's world size differs and ``policy`` is "reset" (the caller drops
+    the per-rank tensors; any rank's state_dict is then accepted)."""
     if not isinstance(sd, dict) or "config" not in sd or "buffers" not in sd:
         raise ValueError("cser_hooks: load_state_dict expects the dict returned by state_dict()")
     theirs = sd["config"]
     if theirs.get("algorithm") != mine["algorithm"]:
         raise ValueError(f"cser_hooks: checkpoint is for algorithm {theirs.get('algorithm')!r}, this state is "
                          f"{mine['algorithm']!r}; load it into the matching state class.")
+    saved_w, w = theirs.get("world_size"), mine.get("world_size")
+    changed = saved_w != w
+    if changed and policy != "reset":
+        raise ValueError(
+            f"cser_hooks: checkpoint was saved by a job of world size {saved_w}, this job has {w} ranks. Residuals, "
+            f"momenta and reserves are per rank and cannot be redistributed. Resume with {saved_w} ranks, or "
+            f"construct the state with on_world_size_change='reset' (torchrun elastic): it drops them with a "
+            f"warning and continues from the checkpoint's step.")
     for k in sorted(set(mine) | set(theirs)):
+        if k in _LOAD_ONLY:
+            continue
         if mine.get(k) != theirs.get(k):
             raise ValueError(f"cser_hooks: checkpoint setting {k!r} = {theirs.get(k)!r} differs from this "
                              f"state's {mine.get(k)!r}; construct the state with the checkpoint's settings.")
-    if sd.get("rank") != rank:
+    if not changed and sd.get("rank") != rank:
         raise ValueError(f"cser_hooks: checkpoint was saved by rank {sd.get('rank')}, this is rank "
                          f"{rank}; each rank must load its own state_dict.")
+    return changed

@@ -12,6 +12,7 @@ changes the model, ``after_optimizer_step`` / ``before_bucket``.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,7 +24,7 @@ from .compressors import MaskKey
 from .compressors.per_tensor import PerTensor
 from .counters import StepCounters
 from .exchange import Exchange, StepContext
-from .knobs import check_checkpoint, check_common_knobs, integer_knob
+from .knobs import check_checkpoint, check_common_knobs, check_world_size_policy, integer_knob
 from .nonfinite import StepGuard, nonfinite_error, poison
 
 
@@ -41,15 +42,18 @@ class AlgorithmState:
     __slots__ = ("comm", "seed", "warmup_steps", "check_finite", "step", "buffers", "optimizer",
                  "_agreed", "_loaded", "_pending_flag", "counters",
                  "_hook_handle", "param_names", "_per_tensor", "seg_cache", "_lr_of", "buckets", "on_nonfinite",
-                 "guard", "_iteration", "__weakref__")
+                 "guard", "_iteration", "on_world_size_change", "__weakref__")
 
     def __init__(self, comm: Communicator, *, seed: int = 0, warmup_steps: int = 1, optimizer=None,
-                 check_finite: bool = True, named_parameters=None, on_nonfinite: str = "raise"):
+                 check_finite: bool = True, named_parameters=None, on_nonfinite: str = "raise",
+                 on_world_size_change: str = "raise"):
         self.comm = comm
         self.seed = integer_knob(type(self).__name__, "seed", seed)
         self.warmup_steps = integer_knob(type(self).__name__, "warmup_steps", warmup_steps, 0)
         named_parameters = check_common_knobs(type(self).__name__, check_finite, on_nonfinite, self.skip_capable(),
                                               optimizer, named_parameters)
+        check_world_size_policy(type(self).__name__, on_world_size_change)
+        self.on_world_size_change = on_world_size_change
         self.check_finite = bool(check_finite)
         self.on_nonfinite = on_nonfinite
         self.guard = StepGuard() if on_nonfinite == "skip" else None
@@ -81,7 +85,8 @@ class AlgorithmState:
         """Every setting all ranks must agree on (checked at the first hook call)."""
         return {"algorithm": self.algorithm, "seed": self.seed, "warmup_steps": self.warmup_steps,
                 "world_size": self.comm.world_size, "per_tensor": self.param_names is not None,
-                **({"on_nonfinite": "skip"} if self.guard is not None else {})}
+                **({"on_nonfinite": "skip"} if self.guard is not None else {}),
+                **({"on_world_size_change": "reset"} if self.on_world_size_change == "reset" else {})}
 
     def names_of(self, params) -> list | None:
         """Parameter names of a bucket's tensors in per-tensor mode (else None)."""
@@ -320,11 +325,19 @@ class AlgorithmState:
         DDP: call it after ``DDP(model)`` and after loading the model's state_dict, before the first
         step (README "Checkpoint and resume"); the first step checks each parameter against its
         fingerprint at save time and fails on every rank if the model is not the one saved."""
-        check_checkpoint(sd, self.config(), self.comm.rank)
-        self.buckets.load_state_dict(sd.get("layout"))
+        changed = check_checkpoint(sd, self.config(), self.comm.rank, self.on_world_size_change)
+        layout = sd.get("layout")
+        if changed:  # on_world_size_change="reset": the schedule continues, the per-rank state starts at zero
+            warnings.warn(f"cser_hooks: {type(self).__name__}: the checkpoint's world size is "
+                          f"{sd['config'].get('world_size')}, this job's {self.comm.world_size}: its per-rank "
+                          f"tensors ({sum(len(v) for v in sd['buffers'].values())}) are dropped and start from "
+                          f"zero; step {sd['step']} and the schedule continue (on_world_size_change='reset').",
+                          RuntimeWarning, stacklevel=2)
+            layout = layout and {**layout, "fingerprints": {}}  # the rank's own model is not the one saved
+        self.buckets.load_state_dict(layout)
         self.step = int(sd["step"])
         for attr, entry in self._persisted():
             setattr(self, attr, dict(sd.get(entry, {})))
         self.buffers = {}
-        self._loaded = {k: dict(v) for k, v in sd["buffers"].items()}
+        self._loaded = {} if changed else {k: dict(v) for k, v in sd["buffers"].items()}
         self._agreed = False

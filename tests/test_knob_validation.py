@@ -98,6 +98,7 @@ def _spec(spec):
 KNOB_CASES: list = [
     _case("all states", "check_finite", lambda: ErrorFeedback(TwoRanks(), check_finite="no")),
     _case("all states", "on_nonfinite", lambda: ErrorFeedback(TwoRanks(), on_nonfinite="ignore")),
+    _case("all states", "on_world_size_change", lambda: ErrorFeedback(TwoRanks(), on_world_size_change="keep")),
     _case("all states", "optimizer", lambda: ErrorFeedback(TwoRanks(), optimizer="sgd"), (TypeError, ValueError)),
     _case("all states", "named_parameters", lambda: ErrorFeedback(TwoRanks(), named_parameters=[torch.zeros(2)]),
           (TypeError, ValueError)),
