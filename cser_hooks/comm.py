@@ -2,8 +2,18 @@
 
 Algorithms talk to a :class:`Communicator`; the DDP front end gives them a
 :class:`TorchDistCommunicator` over a ``torch.distributed`` process group, the Horovod front end a
-Horovod one. Every tensor handed to a collective is counted here (``bytes_sent``), so the byte
-accounting is the payload actually given to the network layer, not an estimate.
+Horovod one. Every tensor handed to a collective is counted here, twice, per collective kind
+(``allreduce``, ``allgather``, ``allgather_v``, ``all_to_all``, ``sendrecv``: cser_hooks/wire.py):
+
+* ``bytes_sent`` / ``handed_by``: the payload actually given to the network layer (exact);
+* ``wire_bytes`` / ``wire_by``: what this rank then puts on the wire under the ring / pairwise model
+  of :mod:`cser_hooks.wire` (2(W−1)/W · n for an allreduce, (W−1) · n for an allgather, the pieces
+  for other ranks for an all_to_all, the sends for point-to-point; 0 at W = 1).
+
+Both are integer sums per collective from the tensors' sizes (no host sync, no tensor read).
+The configuration agreement (``all_gather_object``) is not one of the algorithm's collectives: it
+is counted apart, cumulatively, in ``agreement_bytes`` (handed: the pickle and its size) and
+``agreement_wire_bytes``; :class:`~cser_hooks.counters.StepCounters` reports it beside the rest.
 
 Ordering rule (docs/algorithms.md §8): collectives are *launched* only from the hook call itself (or a
 post-optimizer-step callback), never from a Future callback, so every rank issues them in the same
@@ -11,6 +21,7 @@ order whatever the completion order of earlier work. Callbacks only do local mat
 """
 from __future__ import annotations
 
+import pickle
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -18,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from . import wire
 from .progress import ProgressWatch
 
 Future = torch.futures.Future
@@ -29,6 +41,11 @@ def completed(value) -> Future:
     return fut
 
 
+# ring model of the collectives whose wire bytes follow from this rank's handed bytes alone
+RING: dict[str, Callable[[int, int], int]] = {wire.ALLREDUCE: wire.allreduce_bytes,
+                                              wire.ALLGATHER: wire.allgather_bytes}
+
+
 class Communicator:
     """Interface. ``*_async`` return a Future whose value is the result; others block."""
 
@@ -38,15 +55,45 @@ class Communicator:
 
     def __init__(self) -> None:
         self.bytes_sent = 0          # bytes handed to collectives since the last reset_counters()
+        self.wire_bytes = 0          # bytes this rank puts on the wire for them (cser_hooks/wire.py)
+        self.handed_by: dict[str, int] = {}   # collective kind -> bytes handed, since the last reset
+        self.wire_by: dict[str, int] = {}     # collective kind -> wire bytes, since the last reset
         self.comm_seconds = 0.0      # wall time from launch to completion callback, summed
         self.collectives = 0
+        # the configuration agreement (all_gather_object): cumulative, never reset, not in the above
+        self.agreement_bytes = self.agreement_wire_bytes = self.agreement_collectives = 0
 
     def reset_counters(self) -> None:
-        self.bytes_sent, self.comm_seconds, self.collectives = 0, 0.0, 0
+        self.bytes_sent, self.wire_bytes, self.comm_seconds, self.collectives = 0, 0, 0.0, 0
+        self.handed_by, self.wire_by = {}, {}
 
-    def _count(self, tensors: Sequence[torch.Tensor]) -> float:
-        self.bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
+    def _count(self, tensors: Sequence[torch.Tensor], kind: str | None = None,
+               wire_bytes: int | None = None) -> float:
+        """Count one collective of ``kind`` over ``tensors`` (the bytes handed to it) and its wire
+        bytes: ``wire_bytes`` when the caller knows them (all_to_all, allgather_v, sendrecv), else the
+        ring model of ``kind`` (:data:`RING`). A communicator that names no kind (``kind=None``) has
+        its bytes reported under ``"unclassified"``, on the wire as handed (no model applied)."""
+        handed = sum(t.numel() * t.element_size() for t in tensors)
+        if kind is None:
+            kind = "unclassified"
+            sent = handed if wire_bytes is None else wire_bytes
+        else:
+            sent = RING[kind](handed, self.world_size) if wire_bytes is None else wire_bytes
+        self.bytes_sent += handed
+        self.wire_bytes += sent
+        self.handed_by[kind] = self.handed_by.get(kind, 0) + handed
+        self.wire_by[kind] = self.wire_by.get(kind, 0) + sent
         self.collectives += 1
+        return time.perf_counter()
+
+    def _count_agreement(self, obj) -> float:
+        """Count an ``all_gather_object`` (the agreement and load-order checks) apart from the algorithm's
+        collectives: the pickle torch sends and its int64 size, (W−1)·(8 + n) on the wire
+        (:func:`cser_hooks.wire.object_allgather_bytes`). Pickles ``obj`` once: these run once per job."""
+        n = len(pickle.dumps(obj))
+        self.agreement_bytes += 8 + n
+        self.agreement_wire_bytes += wire.object_allgather_bytes(n, self.world_size)
+        self.agreement_collectives += 1
         return time.perf_counter()
 
     def _timed(self, fut: Future, t0: float, fn: Callable[[Any], Any]) -> Future:
@@ -69,19 +116,21 @@ class Communicator:
     def all_to_all_async(self, inputs: Sequence[torch.Tensor], out_numels: Sequence[int]) -> Future:
         """Send ``inputs[r]`` to rank r; Future of the list (by source rank) of received tensors,
         ``out_numels[j]`` elements from rank j, dtype of ``inputs[0]``. Counts every input tensor
-        (own chunk included: the bytes handed to the collective)."""
+        (own chunk included: the bytes handed to the collective); on the wire only the pieces for
+        the other ranks, Σ_{j≠rank} (:func:`cser_hooks.wire.all_to_all_bytes`)."""
         raise NotImplementedError
 
     def allgather_v_async(self, t: torch.Tensor, numels: Sequence[int]) -> Future:
         """Allgather where rank r contributes ``numels[r]`` elements (sizes known on every rank, e.g.
         0 for a rank with nothing to send). Future of the list by rank. Counts ``t`` once, as
-        :meth:`allgather_async` does."""
+        :meth:`allgather_async` does; on the wire (W−1)·|t| (:func:`cser_hooks.wire.allgather_v_bytes`)."""
         raise NotImplementedError
 
     def sendrecv(self, sends: Sequence[tuple], recvs: Sequence[tuple]) -> list:
         """Point-to-point: ``sends`` = [(tensor, peer rank)], ``recvs`` = [(numel, dtype, peer rank)];
         all started together, then waited for (blocking). Returns the received tensors in ``recvs``
-        order. Counts every sent tensor. Peers must post the matching calls (e.g. ring neighbours)."""
+        order. Counts every sent tensor, on the wire too (:func:`cser_hooks.wire.p2p_bytes`). Peers must
+        post the matching calls (e.g. ring neighbours)."""
         raise NotImplementedError
 
     # -- built on the above ----------------------------------------------------------------
@@ -120,8 +169,10 @@ class TorchDistCommunicator(Communicator):
         self.watch = None if progress_timeout is None else ProgressWatch(progress_timeout, self.rank)
         self._tokens: dict[float, int] = {}
 
-    def _count(self, tensors):
-        t0 = super()._count(tensors)
+    def _count(self, tensors, kind=None, wire_bytes=None):
+        return self._watched(super()._count(tensors, kind, wire_bytes))
+
+    def _watched(self, t0: float) -> float:
         if self.watch is not None:
             self._tokens[t0] = self.watch.begin(self.label)
         return t0
@@ -138,15 +189,15 @@ class TorchDistCommunicator(Communicator):
         return fut.then(done)
 
     def allreduce_sum_async(self, t):
-        t0 = self._count([t])
+        t0 = self._count([t], wire.ALLREDUCE)
         fut = dist.all_reduce(t, group=self.group, async_op=True).get_future()
         return self._timed(fut, t0, lambda _: t)
 
     def allgather_async(self, t):
         if self.world_size == 1:
-            self._end(self._count([t]))
+            self._end(self._count([t], wire.ALLGATHER))
             return completed([t])
-        t0 = self._count([t])
+        t0 = self._count([t], wire.ALLGATHER)
         outs: list[torch.Tensor] = [torch.empty_like(t) for _ in range(self.world_size)]
         fut = dist.all_gather(outs, t, group=self.group, async_op=True).get_future()
         return self._timed(fut, t0, lambda _: outs)
@@ -154,7 +205,7 @@ class TorchDistCommunicator(Communicator):
     def allreduce_max(self, t):
         if self.world_size == 1:
             return t
-        t0 = self._count([t])
+        t0 = self._count([t], wire.ALLREDUCE)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         self._end(t0)
         return t
@@ -163,16 +214,16 @@ class TorchDistCommunicator(Communicator):
         if self.world_size == 1:
             return [obj]
         out: list = [None] * self.world_size
-        t0 = self._count([])
+        t0 = self._watched(self._count_agreement(obj))  # not one of the algorithm's collectives
         dist.all_gather_object(out, obj, group=self.group)
         self._end(t0)
-        self.collectives -= 1  # the agreement check: not one of the algorithm's collectives
         return out
 
     def all_to_all_async(self, inputs, out_numels):
         if len(inputs) != self.world_size or len(out_numels) != self.world_size:
             raise ValueError(f"all_to_all needs one input and one output size per rank ({self.world_size})")
-        t0 = self._count(inputs)
+        t0 = self._count(inputs, wire.ALL_TO_ALL,
+                         wire.all_to_all_bytes([t.numel() * t.element_size() for t in inputs], self.rank))
         if self.world_size == 1:
             self._end(t0)
             return completed([inputs[0]])
@@ -184,7 +235,8 @@ class TorchDistCommunicator(Communicator):
             raise ValueError(f"allgather_v: numels must list every rank's size, this rank's = {t.numel()}")
         if len(set(int(n) for n in numels)) == 1:
             return self.allgather_async(t)
-        t0 = self._count([t])
+        es = t.element_size()
+        t0 = self._count([t], wire.ALLGATHER_V, wire.allgather_v_bytes([int(n) * es for n in numels], self.rank))
         # an all_to_all that sends the same tensor to every rank: unequal sizes, one collective
         flat = t.reshape(-1).repeat(self.world_size)
         return self._alltoallv(flat, [t.numel()] * self.world_size, numels, t0)
@@ -202,7 +254,8 @@ class TorchDistCommunicator(Communicator):
         return r if self.group is dist.group.WORLD else dist.get_global_rank(self.group, r)
 
     def sendrecv(self, sends, recvs):
-        t0 = self._count([t for t, _ in sends])
+        t0 = self._count([t for t, _ in sends], wire.SENDRECV,
+                         wire.p2p_bytes([(t.numel() * t.element_size(), r) for t, r in sends], self.rank))
         outs = [torch.empty(int(n), dtype=dt, device=(sends[0][0].device if sends else "cpu"))
                 for n, dt, _ in recvs]
         # one batch (sends first, then receives): NCCL runs a batch as one group call, so no ordering of

@@ -16,7 +16,6 @@ each rank its own batches). Checked here against:
 """
 from __future__ import annotations
 
-import hashlib
 import math
 
 import pytest
@@ -25,6 +24,7 @@ import torch
 import ddp_workload as W
 from hvd_harness import run_horovod
 from hvd_scripts import hvd_frontend_job as J
+from reference.masks import random_block_mask
 
 pytestmark = [pytest.mark.horovod, pytest.mark.timeout(1200), pytest.mark.usefixtures("one_thread")]
 
@@ -50,20 +50,9 @@ def world(request):
 # reference simulation (independent of cser_hooks)
 
 
-def generator_seed(seed, step, key, salt) -> int:
-    digest = hashlib.blake2b(f"{seed}|{step}|{key}|{salt}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
 def rb_mask(numel, ratio, block, seed, step, key, salt) -> torch.Tensor:
-    """The brief's shared mask: k = min(nblocks, ceil(ratio*numel/b)) of nblocks blocks by randperm."""
-    nblocks = math.ceil(numel / block)
-    k = min(nblocks, math.ceil(ratio * numel / block))
-    g = torch.Generator().manual_seed(generator_seed(seed, step, key, salt))
-    chosen = torch.randperm(nblocks, generator=g)[:k]
-    m = torch.zeros(nblocks, dtype=torch.bool)
-    m[chosen] = True
-    return m.repeat_interleave(block)[:numel]
+    """The shared mask (tests/reference/masks.py): k = min(nblocks, ceil(ratio*numel/b)) of nblocks blocks."""
+    return random_block_mask(numel, ratio, block, seed, step, key, salt)
 
 
 def parse(spec: str) -> tuple:

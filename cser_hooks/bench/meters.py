@@ -12,6 +12,10 @@ without a hook the bench counts the payload itself:
   (compression and launching), ``comm_seconds`` the time from its return until the result is ready
   (collectives and their callbacks) -- an approximation for hooks that compress inside callbacks.
 
+Every baseline's collective is an allreduce, so its wire bytes (what the rank puts on the network)
+follow from the same ring model as the states' (:mod:`cser_hooks.wire`): 2(W−1)/W x the payload
+per bucket, and the dense reference 2(W−1)/W x the dense bytes per step.
+
 Steps are closed by an optimizer step post-hook, so the meters need the optimizer.
 """
 from __future__ import annotations
@@ -20,12 +24,23 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from cser_hooks import wire
+
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
 
 class Meter:
-    def __init__(self, optimizer):
+    def __init__(self, optimizer, world: int | None = None):
         self.step = 0
+        self.world = _world() if world is None else int(world)
         self.bytes_total = self.bytes_last = self._bytes_acc = 0
         self.dense_total = self.dense_last = self._dense_acc = 0
+        self.wire_total = self.wire_last = self._wire_acc = 0
+        self.dense_wire_total = self.dense_wire_last = 0
         self.compress_seconds: float | None = 0.0
         self.comm_seconds: float | None = 0.0
         self.buckets = 0
@@ -34,36 +49,47 @@ class Meter:
     def _close_step(self) -> None:
         self.bytes_last, self._bytes_acc = self._bytes_acc, 0
         self.dense_last, self._dense_acc = self._dense_acc, 0
+        self.wire_last, self._wire_acc = self._wire_acc, 0
         self.bytes_total += self.bytes_last
         self.dense_total += self.dense_last
+        self.wire_total += self.wire_last
+        self.dense_wire_last = wire.dense_allreduce_bytes(self.dense_last, self.world)
+        self.dense_wire_total += self.dense_wire_last
         self.step += 1
 
     def stats(self) -> dict[str, Any]:
         return {"algorithm": type(self).__name__, "step": self.step, "bytes_sent_total": self.bytes_total,
                 "bytes_sent_last_step": self.bytes_last, "dense_bytes_last_step": self.dense_last,
                 "dense_bytes_total": self.dense_total, "compress_seconds": self.compress_seconds,
-                "comm_seconds": self.comm_seconds, "buckets": self.buckets}
+                "comm_seconds": self.comm_seconds, "buckets": self.buckets,
+                "wire_bytes_total": self.wire_total, "wire_bytes_last_step": self.wire_last,
+                "wire_bytes_by_collective": {wire.ALLREDUCE: self.wire_total},
+                "dense_wire_bytes_total": self.dense_wire_total, "dense_wire_bytes_last_step": self.dense_wire_last,
+                "wire_compression_ratio": (self.wire_total / self.dense_wire_total) if self.dense_wire_total
+                else None}
 
 
 class NoHookMeter(Meter):
     """DDP's built-in allreduce: all gradients, every step."""
 
-    def __init__(self, optimizer):
-        super().__init__(optimizer)
+    def __init__(self, optimizer, world: int | None = None):
+        super().__init__(optimizer, world)
         self.compress_seconds = self.comm_seconds = None
         self._per_step = sum(p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"]
                              if p.requires_grad)
 
     def _close_step(self) -> None:
         self._bytes_acc = self._dense_acc = self._per_step
+        self._wire_acc = wire.allreduce_bytes(self._per_step, self.world)
         super()._close_step()
 
 
 class HookMeter(Meter):
     """Wraps ``hook(inner_state, bucket)``; ``payload(inner_state, bucket) -> bytes`` is evaluated first."""
 
-    def __init__(self, optimizer, inner_state, inner_hook: Callable, payload: Callable[[Any, Any], int]):
-        super().__init__(optimizer)
+    def __init__(self, optimizer, inner_state, inner_hook: Callable, payload: Callable[[Any, Any], int],
+                 world: int | None = None):
+        super().__init__(optimizer, world)
         self.inner_state = inner_state
         self.inner_hook = inner_hook
         self.payload = payload
@@ -72,7 +98,9 @@ class HookMeter(Meter):
         t0 = time.perf_counter()
         buf = bucket.buffer()
         self._dense_acc += buf.numel() * buf.element_size()
-        self._bytes_acc += int(self.payload(self.inner_state, bucket))
+        payload = int(self.payload(self.inner_state, bucket))
+        self._bytes_acc += payload
+        self._wire_acc += wire.allreduce_bytes(payload, self.world)
         self.buckets = max(self.buckets, bucket.index() + 1)
         fut = self.inner_hook(self.inner_state, bucket)
         t1 = time.perf_counter()

@@ -6,9 +6,10 @@ An entry's ``make(process_group, optimizer, seed=0, block=256)`` returns ``(stat
 natively; the baselines through :mod:`cser_hooks.bench.meters`). The project's hooks are imported
 from ``cser_hooks.ddp`` lazily, inside ``make``, so the baselines work without them.
 
-``protocol`` names the collective pattern, for the veth byte check (ring algorithms, W ranks,
-counted = bytes handed to the collective): ``allreduce`` sends 2(W-1)/W x counted per rank,
-``allgather`` (W-1) x counted. ``block`` is the random-block size for the shared-mask compressors;
+``protocol`` names the method's collective pattern (``allreduce``, ``allgather``, ``mixed``), for the
+reader: the bytes on the wire are not derived from it but reported by every state itself
+(``stats()["wire_bytes_total"]``, the ring model of :mod:`cser_hooks.wire`, which the ``--link``
+report compares with the veth counters). ``block`` is the random-block size for the shared-mask compressors;
 the launcher picks 256 for models with >= 1M parameters and 32 below (a 10k-parameter model has
 few 256-element blocks, so small ratios would round up to a much denser mask).
 
@@ -41,7 +42,7 @@ class Method:
     name: str
     make: Callable[..., tuple[Any, Any]]
     summary: str
-    protocol: str = "allreduce"               # "allreduce" | "allgather" | "mixed" (not modelled)
+    protocol: str = "allreduce"               # "allreduce" | "allgather" | "mixed" (descriptive)
     bucket_cap_mb: float | None = None        # None: the bench's --bucket-cap-mb
     optimizer_overrides: Mapping[str, Any] = field(default_factory=dict)
     lr_scale: float = 1.0                     # multiplies the peak lr (same warm-up + cosine schedule)
@@ -279,11 +280,3 @@ def parse_list(spec: str) -> list[Method]:
         raise SystemExit(f"--methods lists a method twice: {spec}")
     return [get(n) for n in names]
 
-
-def wire_factor(protocol: str, world: int) -> float | None:
-    """Bytes a rank puts on the wire per counted byte, for gloo's ring collectives."""
-    if protocol == "allreduce":
-        return 2 * (world - 1) / world
-    if protocol == "allgather":
-        return float(world - 1)
-    return None

@@ -3,13 +3,17 @@
 Per method (from the W ``rank<R>.json`` of :mod:`cser_hooks.bench.worker`):
   * final / rank-averaged-model test accuracy (rank 0's model; the average differs for local methods);
   * steps and training seconds to the first evaluation at or above ``--target``;
-  * bytes sent per worker per step: the states' counters over the steady-state window, averaged over
-    ranks; ``dense/this`` is the dense gradient size over that;
+  * bytes per worker per step over the steady-state window, averaged over ranks, two ways: *handed*
+    (``stats()["bytes_sent_total"]``, the payload given to the collectives) and *wire*
+    (``stats()["wire_bytes_total"]``: what the rank puts on the network under the ring / pairwise
+    model of :mod:`cser_hooks.wire`, 2(W-1)/W x payload for an allreduce, (W-1) x payload for an
+    allgather). The ratio columns are dense over this: ``handed ratio`` = dense bytes / handed bytes,
+    ``wire ratio (ring model)`` = DDP's dense ring allreduce on the wire (2(W-1)/W x dense) / wire
+    bytes. The handed ratio flatters allgather methods by about W/2; the wire ratio is the honest one;
   * compress % and comm %: ``compress_seconds`` and ``comm_seconds`` of rank 0 over its training time
     (communication overlaps the backward pass, so the shares are not additive);
-  * with ``--link``: veth ``tx_bytes`` per worker per step beside the counted bytes times the ring
-    factor of the method's collectives (2(W-1)/W allreduce, W-1 allgather; or the state's own
-    ``stats()["wire_bytes_total"]`` when it has one): the excess is protocol overhead (TCP/IP
+  * with ``--link``: veth ``tx_bytes`` per worker per step beside the modelled wire bytes (the same
+    ``wire_bytes_total``: one model, cser_hooks/wire.py): the excess is protocol overhead (TCP/IP
     headers, ACKs, gloo's framing).
 """
 from __future__ import annotations
@@ -17,11 +21,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .methods import wire_factor
-
 MAIN_HEADER = ("method", "final acc %", "avg-model acc %", "steps to target", "time to target s",
-               "train time s", "kB/step/worker", "dense/this", "compress %", "comm %")
-LINK_HEADER = ("method", "counted kB/step", "ring-model wire kB/step", "veth kB/step", "veth vs model")
+               "train time s", "handed kB/step/worker", "wire kB/step/worker", "handed ratio",
+               "wire ratio (ring model)", "compress %", "comm %")
+LINK_HEADER = ("method", "handed kB/step", "wire model kB/step (ring)", "veth kB/step", "veth vs model")
 NOT_REACHED = "not reached"
 NA = "n/a"
 PLOTS = ("acc_vs_step.png", "acc_vs_time.png", "bytes_per_step.png")
@@ -43,13 +46,19 @@ def _window_bytes(r: dict, key: str = "bytes_sent_total") -> float | None:
     return (end[key] - start[key]) / (steps - w0)
 
 
+def _ratio(dense, this):
+    return dense / this if dense and this else None
+
+
 def summarize(name: str, summary: str, results: list[dict], target: float | None, world: int) -> dict:
     r0 = results[0]
     curve = r0["curve"]
     hit = next((p for p in curve if target is not None and p["acc"] >= target), None)
     bytes_step = _mean(_window_bytes(r) for r in results)
+    wire_step = _mean(_window_bytes(r, "wire_bytes_total") for r in results)
     end = r0["stats_end"]
     dense_step = end.get("dense_bytes_last_step") or None
+    dense_wire_step = _window_bytes(r0, "dense_wire_bytes_total") or None
     tt = r0["train_time"] or float("nan")
     share = lambda k: (end[k] / tt) if end.get(k) is not None else None  # noqa: E731
     out = {
@@ -58,24 +67,18 @@ def summarize(name: str, summary: str, results: list[dict], target: float | None
         "acc_final": r0["acc_final"], "acc_avg": r0["acc_avg"], "train_time": r0["train_time"],
         "steps_to_target": hit["step"] if hit else None, "time_to_target": hit["time"] if hit else None,
         "bytes_per_step": bytes_step, "dense_bytes_per_step": dense_step,
+        "wire_bytes_per_step": wire_step, "dense_wire_bytes_per_step": dense_wire_step,
+        "handed_ratio": _ratio(dense_step, bytes_step), "wire_ratio": _ratio(dense_wire_step, wire_step),
         "compress_share": share("compress_seconds"), "comm_share": share("comm_seconds"),
         "protocol": r0["protocol"], "curve": curve, "stats_rank0": end,
     }
     veth = [r.get("veth_tx_window") for r in results]
     if all(v is not None for v in veth):
         n = max(1, r0["steps"] - r0["window_start"])
-        factor = wire_factor(r0["protocol"], world)
         out["veth_bytes_per_step"] = _mean(v / n for v in veth)
-        # a state that models its own wire bytes (stats()["wire_bytes_total"]) is trusted over the protocol
-        own = _mean(_window_bytes(r, "wire_bytes_total") for r in results)
-        if own is not None:
-            out["wire_model_bytes_per_step"] = own
-        elif factor is not None and bytes_step:
-            out["wire_model_bytes_per_step"] = bytes_step * factor
-        else:
-            out["wire_model_bytes_per_step"] = None
-        if out["wire_model_bytes_per_step"]:
-            out["veth_vs_model"] = out["veth_bytes_per_step"] / out["wire_model_bytes_per_step"] - 1
+        out["wire_model_bytes_per_step"] = wire_step  # the states' own model: cser_hooks/wire.py
+        if wire_step:
+            out["veth_vs_model"] = out["veth_bytes_per_step"] / wire_step - 1
     return out
 
 
@@ -106,13 +109,12 @@ def main_table(rows: list[dict]) -> str:
         if s["status"] != "ok":
             cells = [s["method"], s["status"].replace("|", "/")] + [""] * (len(MAIN_HEADER) - 2)
         else:
-            ratio = (s["dense_bytes_per_step"] / s["bytes_per_step"]) if s["dense_bytes_per_step"] and \
-                s["bytes_per_step"] else None
             miss = NOT_REACHED if s.get("target") is not None else NA
             cells = [s["method"], _pct(s["acc_final"]), _pct(s["acc_avg"]),
                      _num(s["steps_to_target"], "{:d}", miss),
                      _num(s["time_to_target"], "{:.1f}", miss), _num(s["train_time"]),
-                     _kb(s["bytes_per_step"]), _num(ratio), _pct(s["compress_share"]), _pct(s["comm_share"])]
+                     _kb(s["bytes_per_step"]), _kb(s.get("wire_bytes_per_step")), _num(s.get("handed_ratio")),
+                     _num(s.get("wire_ratio")), _pct(s["compress_share"]), _pct(s["comm_share"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -172,11 +174,17 @@ def markdown(rows: list[dict], meta: dict) -> str:
     if faster:
         out += ["Time to target, compared:", "", *faster, ""]
     if any("veth_bytes_per_step" in s for s in rows if s["status"] == "ok"):
-        out += ["Bytes on the emulated link (per worker per step, steady-state window). The ring model is "
-                "the counted bytes times 2(W-1)/W (allreduce) or W-1 (allgather); the veth's tx_bytes also "
+        out += ["Bytes on the emulated link (per worker per step, steady-state window). The wire model is "
+                "the states' own ring model (cser_hooks/wire.py: 2(W-1)/W x payload per allreduce, (W-1) x "
+                "payload per allgather, the pieces for other ranks per all_to_all); the veth's tx_bytes also "
                 "carry TCP/IP headers, ACKs and gloo's framing (a few kB per collective, so small payloads "
                 "show a large relative overhead):", "",
                 link_table(rows), ""]
+    out += ["Ratios: dense over this. `handed ratio` counts the bytes handed to the collectives (an "
+            "allgather's payload once, although it reaches W-1 ranks); `wire ratio (ring model)` compares "
+            "the bytes each rank puts on the wire under the ring model (cser_hooks/wire.py) with DDP's dense "
+            "ring allreduce, 2(W-1)/W x dense: the like-for-like figure (allgather methods look about W/2 "
+            "better by the handed ratio).", ""]
     out += ["Plots: " + ", ".join(f"[{p}]({p})" for p in PLOTS), "", "Methods:", ""]
     out += [f"- `{s['method']}`: {s['summary']}" for s in rows]
     out += ["", "Notes: accuracy is rank 0's own model (avg-model: the rank-averaged parameters after "
@@ -218,13 +226,13 @@ def plots(rows: list[dict], out_dir: Path, target: float | None = None) -> list[
         paths.append(out_dir / fname)
     fig, ax = plt.subplots(figsize=(7, 1.0 + 0.4 * max(1, len(ok))))
     names = [s["method"] for s in ok]
-    vals = [max(s["bytes_per_step"] or 0, 1) / 1e3 for s in ok]
+    vals = [max(s.get("wire_bytes_per_step") or s["bytes_per_step"] or 0, 1) / 1e3 for s in ok]
     ax.barh(names, vals)
     ax.set_xscale("log")
     if vals:
         ax.set_xlim(min(vals) / 2, max(vals) * 8)
     ax.invert_yaxis()
-    ax.set_xlabel("kB sent per worker per step (log scale)")
+    ax.set_xlabel("kB on the wire per worker per step (ring model, log scale)")
     for y, v in enumerate(vals):
         ax.text(v, y, f" {v:,.1f}", va="center", fontsize=8)
     fig.tight_layout()
@@ -262,7 +270,8 @@ def validate(out_dir: Path, methods: list[str]) -> list[str]:
         cells = _cells(line)
         rows[cells[0]] = cells
     optional = {"steps to target": (NOT_REACHED, NA), "time to target s": (NOT_REACHED, NA),
-                "compress %": (NA,), "comm %": (NA,), "dense/this": (NA,)}
+                "compress %": (NA,), "comm %": (NA,), "handed ratio": (NA,),
+                "wire ratio (ring model)": (NA,), "wire kB/step/worker": (NA,)}
     for m in methods:
         cells = rows.get(m)
         if cells is None:

@@ -10,7 +10,8 @@ seed) and writes ``<out_dir>/<slug>/rank<R>.json`` per method:
 * rank 0 evaluates *its own* model on the whole test set every ``eval_every`` steps (the others
   wait in a barrier) and prints ``@@{json}`` progress lines on stdout for the launcher's bars; at
   the end it also evaluates the rank-averaged model (for local-SGD-like methods these differ);
-* bytes: ``state.stats()`` counters, and the veth's ``tx_bytes`` when ``ifname`` is set, both over
+* bytes: ``state.stats()`` counters (handed and ring-model wire bytes, cser_hooks/wire.py), and the
+  veth's ``tx_bytes`` when ``ifname`` is set, both over
   the steady-state window ``[window_start, steps)`` (warm-up steps send dense gradients).
 """
 from __future__ import annotations
@@ -91,11 +92,29 @@ def _emit(obj) -> None:
 
 
 def _json_stats(stats: dict) -> dict:
+    """The JSON-able entries of ``stats()``: scalars, and dicts of scalars (wire_bytes_by_collective)."""
+    scalar = (int, float, str, bool, type(None))
     out = {}
     for k, v in stats.items():
-        if isinstance(v, (int, float, str, bool)) or v is None:
+        if isinstance(v, scalar):
             out[k] = v
+        elif isinstance(v, dict) and all(isinstance(x, scalar) for x in v.values()):
+            out[k] = {str(a): x for a, x in v.items()}
     return out
+
+
+def _snapshot(state) -> dict:
+    """``state.stats()`` now, plus what its communicator has counted but no step has closed yet.
+
+    Work launched right after ``optimizer.step()`` (CSER's reset, the local-SGD-like syncs) is closed
+    into the *next* step's counters, so at a window boundary it belongs to the step that issued it, as
+    the veth counter sees it: both window ends include it (none of the last step's sync is lost)."""
+    st = _json_stats(state.stats())
+    comm = getattr(state, "comm", None)
+    for key, pending in (("bytes_sent_total", "bytes_sent"), ("wire_bytes_total", "wire_bytes")):
+        if isinstance(st.get(key), int) and isinstance(getattr(comm, pending, None), int):
+            st[key] += getattr(comm, pending)
+    return st
 
 
 def run(cfg: dict, rank: int) -> int:
@@ -203,7 +222,7 @@ def _train(cfg: dict, rank: int, world: int, arrays) -> dict:
             if step >= steps:
                 break
             if step == window_start:
-                stats_window0 = _json_stats(state.stats())
+                stats_window0 = _snapshot(state)
             if step >= window_start:
                 tx.start()
             idx = shard[i:i + batch]
@@ -228,7 +247,7 @@ def _train(cfg: dict, rank: int, world: int, arrays) -> dict:
                 _emit({"method": cfg["method"], "step": step})
         epoch += 1
     tx.stop()
-    stats_end = _json_stats(state.stats())
+    stats_end = _snapshot(state)
 
     # the rank-averaged model (outside the clock): equal to every rank's model for synchronous methods
     with torch.no_grad():

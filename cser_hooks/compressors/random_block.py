@@ -2,11 +2,20 @@
 
 The flat tensor is split into blocks of ``block`` elements (the last may be short);
 ``k = min(nblocks, ceil(ratio * numel / block))`` blocks are chosen uniformly without replacement
-by a CPU generator seeded from the :class:`MaskKey` alone (global seed, step, bucket key, salt),
-so every rank — whatever its device — selects the same blocks and ``avg_j C(x_j)`` is an
-allreduce of the selected values; no index travels. The payload holds the selected blocks in
-ascending block order, ``block`` values each; a selected short tail block is zero-padded, so the
-payload always has ``k * block`` elements and ``wire_bytes`` is exact.
+as a pure function of the :class:`MaskKey` alone (global seed, step, bucket key, salt), so every
+rank selects the same blocks and ``avg_j C(x_j)`` is an allreduce of the selected values; no index
+travels. The draw (docs/algorithms.md §1): with s = ``mk.generator_seed()`` (blake2b, 63 bits), block
+b gets the score ``(h(b) >> 1)·2^32 + b`` where ``h(b) = mix(mix(b ^ s_lo) ^ s_hi)``, ``mix`` a 32-bit
+integer finalizer, s_lo/s_hi the low 32 / next 31 bits of s; the k blocks of smallest score are
+selected. Scores are distinct, and integer arithmetic is exact everywhere, so the selection is
+computed **on the tensor's device** (an ``arange``, a few integer ops and one ``topk`` over the
+nblocks scores: no host→device copy, no sync, no permutation of the whole bucket for random_k) and
+is the same on CPU and GPU. A small cache keeps the masks of the last few (numel, key) pairs, so the
+decode of a bucket finds its mask while other buckets of the step are in flight.
+
+The payload holds the selected blocks in ascending block order, ``block`` values each; a selected
+short tail block is zero-padded, so the payload always has ``k * block`` elements and
+``wire_bytes`` is exact.
 
 ``random_k(ratio)`` is ``random_block(ratio, block=1)``. Contiguous blocks make the gather and
 scatter memory-friendly (one strided copy instead of a random gather per element).
@@ -22,13 +31,58 @@ import torch
 from .. import kernels
 from .base import Compressor, MaskKey, check_input, int_option, is_real
 
+_M32 = 0xFFFFFFFF
+_MIX = 0x45D9F3B  # < 2^27: a product with a 32-bit value stays below 2^59, exact in int64
 
-def reference_blocks(numel: int, ratio: float, block: int, mk: MaskKey) -> torch.Tensor:
-    """The selected block indices (int64, sorted, on CPU): the spec of the shared mask."""
+
+def _mix32_(x: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finalizer, in place on int64 values in [0, 2^32) (three xor-shifts, two
+    multiplies; in place because fresh bucket-sized temporaries cost more than the arithmetic)."""
+    for last in (False, False, True):
+        torch.bitwise_right_shift(x, 16, out=tmp)
+        x.bitwise_xor_(tmp)
+        if not last:
+            x.mul_(_MIX).bitwise_and_(_M32)
+    return x
+
+
+def block_scores(nblocks: int, mk: MaskKey, device) -> torch.Tensor:
+    """The distinct int64 score of every block (see the module docstring), computed on ``device``."""
+    s = mk.generator_seed()
+    b = torch.arange(nblocks, dtype=torch.int64, device=device)
+    x, tmp = b ^ (s & _M32), torch.empty_like(b)
+    _mix32_(x, tmp).bitwise_xor_((s >> 32) & 0x7FFFFFFF)
+    _mix32_(x, tmp)
+    return x.bitwise_right_shift_(1).bitwise_left_shift_(32).bitwise_or_(b)
+
+
+def select_blocks(numel: int, ratio: float, block: int, mk: MaskKey, device="cpu") -> torch.Tensor:
+    """The selected block indices (int64, ascending) on ``device``: the k blocks of smallest score."""
     nblocks = math.ceil(numel / block)
     k = min(nblocks, math.ceil(ratio * numel / block))
-    g = mk.cpu_generator()
-    return torch.randperm(nblocks, generator=g)[:k].sort().values
+    if k >= nblocks:
+        return torch.arange(nblocks, dtype=torch.int64, device=device)
+    return torch.topk(block_scores(nblocks, mk, device), k, largest=False, sorted=False).indices.sort().values
+
+
+def reference_blocks(numel: int, ratio: float, block: int, mk: MaskKey) -> torch.Tensor:
+    """The spec of the shared mask in plain Python integers (sorted int64 indices, on CPU)."""
+    nblocks = math.ceil(numel / block)
+    k = min(nblocks, math.ceil(ratio * numel / block))
+    s = mk.generator_seed()
+
+    def mix(x: int) -> int:
+        x ^= x >> 16
+        x = (x * _MIX) & _M32
+        x ^= x >> 16
+        x = (x * _MIX) & _M32
+        return x ^ (x >> 16)
+
+    def score(b: int) -> int:
+        return ((mix(mix(b ^ (s & _M32)) ^ ((s >> 32) & 0x7FFFFFFF)) >> 1) << 32) | b
+
+    smallest = sorted(score(b) for b in range(nblocks))[:k]
+    return torch.tensor(sorted(v & _M32 for v in smallest), dtype=torch.int64)
 
 
 def reference_gather(x: torch.Tensor, blocks: torch.Tensor, block: int) -> torch.Tensor:
@@ -50,35 +104,41 @@ def reference_scatter(values: torch.Tensor, blocks: torch.Tensor, block: int, nu
 class BlockMask:
     """A selection of blocks for one tensor size, with the index views the fast paths need.
 
-    Built once per (numel, MaskKey) and reused by gather and scatter of the same step.
+    Built once per (numel, MaskKey, device) and reused by gather and scatter of the same step.
     """
 
-    __slots__ = ("numel", "block", "blocks", "k", "nfull", "full_sel", "tail_sel", "tail_len", "_dev")
+    __slots__ = ("numel", "block", "blocks", "k", "nfull", "tail_len", "_split")
 
     def __init__(self, numel: int, block: int, blocks: torch.Tensor):
-        self.numel, self.block, self.blocks = numel, block, blocks
+        self.numel, self.block, self.blocks = numel, block, blocks  # blocks: sorted, on the data's device
         self.k = blocks.numel()
         self.nfull = numel // block
         self.tail_len = numel - self.nfull * block
-        # blocks is sorted, so a selected tail block (index nfull) can only be the last one
-        self.tail_sel = self.tail_len > 0 and self.k > 0 and int(blocks[-1]) == self.nfull
-        self.full_sel = blocks[:-1] if self.tail_sel else blocks
-        self._dev = {}
+        self._split = None
+
+    def _full_and_tail(self) -> tuple[torch.Tensor, bool]:
+        """(selected full blocks, whether the short tail block is selected), for the index-op paths.
+        Reads the last index (a host read on CUDA: the CUDA kernels never need it)."""
+        if self._split is None:
+            # blocks is sorted, so a selected tail block (index nfull) can only be the last one
+            tail = self.tail_len > 0 and self.k > 0 and int(self.blocks[-1]) == self.nfull
+            self._split = (self.blocks[:-1] if tail else self.blocks, tail)
+        return self._split
+
+    @property
+    def tail_sel(self) -> bool:
+        return self._full_and_tail()[1]
+
+    @property
+    def full_sel(self) -> torch.Tensor:
+        return self._full_and_tail()[0]
 
     def full_on(self, device: torch.device) -> torch.Tensor:
-        if device.type == "cpu":
-            return self.full_sel
-        t = self._dev.get(device)
-        if t is None:
-            t = self._dev[device] = self.full_sel.to(device, non_blocking=True)
-        return t
+        return self.full_sel.to(device)
 
     def all_on(self, device: torch.device) -> torch.Tensor:
-        """All selected block indices (tail block included) on ``device``, for the CUDA kernels."""
-        t = self._dev.get(("all", device))
-        if t is None:
-            t = self._dev[("all", device)] = self.blocks.to(device, non_blocking=True)
-        return t
+        """All selected block indices (tail block included), for the CUDA kernels: already on the device."""
+        return self.blocks if self.blocks.device == device else self.blocks.to(device)
 
     def gather(self, x: torch.Tensor, out: torch.Tensor | None = None, zero_source: bool = False) -> torch.Tensor:
         """out[j*b:(j+1)*b] = x[block j]; with ``zero_source`` those x entries are then set to 0."""
@@ -124,6 +184,9 @@ class BlockMask:
         return self.k * self.block - (self.block - self.tail_len if self.tail_sel else 0)
 
 
+MASK_CACHE = 8  # masks kept per compressor: DDP has several buckets of one step in flight
+
+
 class RandomBlock(Compressor):
     """random_block(ratio, block): C(x) = x on the shared-mask blocks, 0 elsewhere."""
 
@@ -140,7 +203,7 @@ class RandomBlock(Compressor):
         self.unbiased = self.scaled
         self.projection = not self.scaled
         self.name = name
-        self._cache: tuple | None = None
+        self._cache: dict = {}  # (numel, MaskKey, device) -> BlockMask, the last MASK_CACHE ones
 
     def spec(self):
         s = f"random_block:ratio={self.ratio!r},block={self.block}"
@@ -158,13 +221,16 @@ class RandomBlock(Compressor):
         nblocks = math.ceil(numel / self.block)
         return min(nblocks, math.ceil(self.ratio * numel / self.block))
 
-    def mask(self, numel: int, mk: MaskKey) -> BlockMask:
-        """The shared mask for this (numel, key); the last one is cached (gather + scatter reuse it)."""
-        key = (numel, mk)
-        if self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
-        m = BlockMask(numel, self.block, reference_blocks(numel, self.ratio, self.block, mk))
-        self._cache = (key, m)
+    def mask(self, numel: int, mk: MaskKey, device="cpu") -> BlockMask:
+        """The shared mask for this (numel, key) on ``device``. The last MASK_CACHE masks are kept, so the
+        decode of a bucket reuses its encode's mask with several buckets of the step in flight."""
+        key = (numel, mk, torch.device(device))
+        m = self._cache.pop(key, None)
+        if m is None:
+            m = BlockMask(numel, self.block, select_blocks(numel, self.ratio, self.block, mk, device))
+            while len(self._cache) >= MASK_CACHE:
+                self._cache.pop(next(iter(self._cache)))  # the least recently used
+        self._cache[key] = m
         return m
 
     def _scale(self, numel: int) -> float:
@@ -174,22 +240,22 @@ class RandomBlock(Compressor):
 
     def compress(self, x, mk, segments=None):
         check_input(x, self.name)
-        values = self.mask(x.numel(), mk).gather(x)  # FAST PATH (kernels.block_gather on CUDA)
+        values = self.mask(x.numel(), mk, x.device).gather(x)  # FAST PATH (kernels.block_gather on CUDA)
         if self.scaled:
             values.mul_(self._scale(x.numel()))
         return (values,)
 
     def compress_ef(self, p, mk, segments=None):
         check_input(p, self.name)
-        values = self.mask(p.numel(), mk).gather(p, zero_source=True)  # FAST PATH (block_gather_zero)
+        values = self.mask(p.numel(), mk, p.device).gather(p, zero_source=True)  # FAST PATH (block_gather_zero)
         if self.scaled:  # residual of the scaled compressor is p - s*mask(p), not just the unselected part
-            m = self.mask(p.numel(), mk)
+            m = self.mask(p.numel(), mk, p.device)
             m.scatter(values.mul(1.0 - self._scale(p.numel())), p)
             values.mul_(self._scale(p.numel()))
         return (values,)
 
     def overwrite(self, values, out, mk, segments=None):
-        return self.mask(out.numel(), mk).scatter(values, out)  # FAST PATH (kernels.block_scatter on CUDA)
+        return self.mask(out.numel(), mk, out.device).scatter(values, out)  # FAST PATH (kernels.block_scatter on CUDA)
 
     def decompress(self, payload, numel, dtype, mk, segments=None, out=None):
         (values,) = payload

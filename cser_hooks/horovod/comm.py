@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .. import wire
 from ..comm import Communicator
 
 
@@ -108,18 +109,18 @@ class HorovodCommunicator(Communicator):
             self._seq = 0
 
     def count_handed(self, t: torch.Tensor) -> None:
-        """Count a tensor handed to Horovod by DistributedOptimizer (the ``compression=`` path)."""
-        self._count([t])
+        """Count a tensor handed to Horovod by DistributedOptimizer (the ``compression=`` path: an allreduce)."""
+        self._count([t], wire.ALLREDUCE)
 
     # -- the interface -----------------------------------------------------------------------
     def allreduce_sum_async(self, t: torch.Tensor) -> HorovodFuture:
-        t0 = self._count([t])
+        t0 = self._count([t], wire.ALLREDUCE)
         handle = self.hvd.allreduce_async_(t, name=self._name("allreduce"), op=self.hvd.Sum)
         return self._timed(HorovodFuture(lambda: self.hvd.synchronize(handle)), t0, lambda out: t)
 
     def allgather_async(self, t: torch.Tensor) -> HorovodFuture:
         """Future of a list (by rank) of tensors of t's shape (``t`` is flat and the same size everywhere)."""
-        t0 = self._count([t])
+        t0 = self._count([t], wire.ALLGATHER)
         if self.world_size == 1:
             return HorovodFuture.of([t])
         n = t.numel()
@@ -139,7 +140,8 @@ class HorovodCommunicator(Communicator):
         """``inputs[r]`` goes to rank r; Future of the pieces received, by source rank (hvd.alltoall)."""
         if len(inputs) != self.world_size or len(out_numels) != self.world_size:
             raise ValueError(f"all_to_all needs one input and one output size per rank ({self.world_size})")
-        t0 = self._count(inputs)
+        t0 = self._count(inputs, wire.ALL_TO_ALL,
+                         wire.all_to_all_bytes([x.numel() * x.element_size() for x in inputs], self.rank))
         if self.world_size == 1:
             return HorovodFuture.of([inputs[0]])
         flat = torch.cat([t.reshape(-1) for t in inputs])
@@ -153,7 +155,8 @@ class HorovodCommunicator(Communicator):
         sizes)."""
         if len(numels) != self.world_size or int(numels[self.rank]) != t.numel():
             raise ValueError(f"allgather_v: numels must list every rank's size, this rank's = {t.numel()}")
-        t0 = self._count([t])
+        t0 = self._count([t], wire.ALLGATHER_V,
+                         wire.allgather_v_bytes([int(n) * t.element_size() for n in numels], self.rank))
         if self.world_size == 1:
             return HorovodFuture.of([t])
         handle = self.hvd.allgather_async(t.reshape(-1), name=self._name("allgather_v"))
@@ -175,7 +178,7 @@ class HorovodCommunicator(Communicator):
     def allreduce_max(self, t: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
             return t
-        t0 = self._count([t])
+        t0 = self._count([t], wire.ALLREDUCE)
         self.hvd.allreduce_(t, name=self._name("allreduce_max"), op=self.hvd.Max)
         self.comm_seconds += time.perf_counter() - t0
         return t
@@ -183,6 +186,7 @@ class HorovodCommunicator(Communicator):
     def all_gather_object(self, obj) -> list:
         if self.world_size == 1:
             return [obj]
+        self._count_agreement(obj)  # cloudpickle + an int32 size in Horovod: the model is a few bytes off
         return self.hvd.allgather_object(obj, name=self._name("object"))
 
     def broadcast_object(self, obj, root_rank: int = 0):

@@ -1,8 +1,10 @@
 """Shared masks and compressors, re-implemented from the brief's definition (docs/algorithms.md §1).
 
 Independent of ``cser_hooks``: the mask of ``random_block`` is rebuilt here from the written
-definition (blake2b seed of ``"{seed}|{step}|{key}|{salt}"``, ``torch.randperm`` of the blocks),
-so a test comparing the package with this module compares two separate implementations.
+definition (blake2b seed of ``"{seed}|{step}|{key}|{salt}"``; each block scored by a 32-bit integer
+hash of (block index, seed), the k smallest (hash, index) pairs selected; written here with NumPy's
+wrapping uint64 arithmetic, the package uses int64 torch ops on the tensor's device), so a test
+comparing the package with this module compares two separate implementations.
 Every function returns dense tensors: ``C(p)`` has the shape of ``p`` with zeros where nothing is
 sent.
 """
@@ -12,6 +14,7 @@ import hashlib
 import math
 from fractions import Fraction
 
+import numpy as np
 import torch
 
 
@@ -21,14 +24,32 @@ def generator_seed(seed: int, step: int, key, salt: str) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def _hash32(v: np.ndarray) -> np.ndarray:
+    """x ^= x>>16; x *= 0x45D9F3B (mod 2^32); x ^= x>>16; x *= 0x45D9F3B (mod 2^32); x ^= x>>16."""
+    m = np.uint64(0xFFFFFFFF)
+    c = np.uint64(0x45D9F3B)
+    v = v ^ (v >> np.uint64(16))
+    v = (v * c) & m
+    v = v ^ (v >> np.uint64(16))
+    v = (v * c) & m
+    return v ^ (v >> np.uint64(16))
+
+
+def chosen_blocks(nblocks: int, k: int, seed63: int) -> torch.Tensor:
+    """The k blocks of smallest (hash(block) >> 1, block), ascending: the draw of the shared mask."""
+    idx = np.arange(nblocks, dtype=np.uint64)
+    lo, hi = np.uint64(seed63 & 0xFFFFFFFF), np.uint64((seed63 >> 32) & 0x7FFFFFFF)
+    h = _hash32(_hash32(idx ^ lo) ^ hi) >> np.uint64(1)
+    order = np.lexsort((idx, h))  # by hash, then by index
+    return torch.from_numpy(np.sort(order[:k]).astype(np.int64))
+
+
 def random_block_mask(numel: int, ratio: float, block: int, seed: int, step: int, key,
                       salt: str) -> torch.Tensor:
     """Boolean mask of the selected blocks: ceil(ratio*numel/block) of ceil(numel/block) blocks."""
     nblocks = math.ceil(numel / block)
     k = min(nblocks, math.ceil(ratio * numel / block))
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(generator_seed(seed, step, key, salt))
-    chosen = torch.randperm(nblocks, generator=gen)[:k]
+    chosen = chosen_blocks(nblocks, k, generator_seed(seed, step, key, salt))
     block_mask = torch.zeros(nblocks, dtype=torch.bool)
     block_mask[chosen] = True
     return block_mask.repeat_interleave(block)[:numel]
@@ -96,7 +117,7 @@ def ref_generator(mk, per_rank: bool = False) -> torch.Generator:
 
 
 def ref_blocks(numel: int, ratio: float, block: int, mk) -> tuple[int, torch.Tensor]:
-    """(nblocks, sorted selected block indices) of the shared mask (team brief)."""
+    """(nblocks, sorted selected block indices) of the shared mask."""
     nblocks = math.ceil(numel / block)
     k = min(nblocks, math.ceil(ratio * numel / block))
-    return nblocks, torch.randperm(nblocks, generator=ref_generator(mk))[:k].sort().values
+    return nblocks, chosen_blocks(nblocks, k, generator_seed(mk.seed, mk.step, mk.key, mk.salt))
