@@ -46,6 +46,7 @@ HOOKS = {
     "qprsgd": ("QPRSGDState", "qprsgd_hook", {"period": 4}, 0.9),
 }
 STEPS = 8
+STOCHASTIC = ("ef qsgd", "qsparse", "qprsgd")  # QSGD rounding: per-device generators
 
 
 def _port() -> int:
@@ -129,7 +130,14 @@ def section_hooks(dev, width, hooks, rows) -> bool:
         on_dev = run_group(2, "gloo", name, dev, width, STEPS)
         on_cpu = run_group(2, "gloo", name, torch.device("cpu"), width, STEPS) if dev.type == "cuda" else on_dev
         diff = max(float((a["params"] - b["params"]).abs().max()) for a, b in zip(on_dev, on_cpu))
-        good = diff < 1e-3
+        # QSGD's rounding draws from the device's own generator (CUDA Philox vs CPU): those hooks agree with
+        # the CPU run in distribution only, so they get a statistical bound, and a second run on the device
+        # must repeat the first bitwise (the draw is a function of seed, step, key and rank)
+        stochastic = name in STOCHASTIC and dev.type == "cuda"
+        good = diff < (5e-2 if stochastic else 1e-3)
+        if stochastic:
+            again = run_group(2, "gloo", name, dev, width, STEPS)
+            good &= all(bool((a["params"] == b["params"]).all()) for a, b in zip(on_dev, again))
         ok &= good
         rows.append(f"| 2 | {name}: 2 ranks on {dev} over gloo vs CPU | {'PASS' if good else 'FAIL'} | "
                     f"max abs diff {diff:.2e}, {time.perf_counter() - t0:.1f} s |")

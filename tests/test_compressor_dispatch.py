@@ -142,3 +142,18 @@ def test_cuda_tensors_take_the_cuda_kernels(calls, spec, op, expected):
             torch.testing.assert_close(a.cpu(), b, rtol=2e-6, atol=0)
         else:
             assert torch.equal(a.cpu(), b)
+
+
+@pytest.mark.gpu
+def test_qsgd_rounding_on_cuda_is_drawn_on_the_device_and_reproducible():
+    """CUDA draws the uniforms with its own generator (no host→device copy): the same (key, rank) repeats
+    bitwise, another rank rounds differently, and E[C(x)] = x holds on the device."""
+    from cser_hooks.compressors.qsgd import uniforms
+
+    u = uniforms(1 << 12, MaskKey(seed=1, step=2, key=3, rank=0), "cuda")
+    assert u.is_cuda and torch.equal(u, uniforms(1 << 12, MaskKey(seed=1, step=2, key=3, rank=0), "cuda"))
+    assert not torch.equal(u, uniforms(1 << 12, MaskKey(seed=1, step=2, key=3, rank=1), "cuda"))
+    q = get_compressor("qsgd:s=3,block=64")
+    x = torch.randn(1 << 12, device="cuda")
+    mean = sum(q(x, MaskKey(seed=1, step=s, key=0)) for s in range(400)) / 400
+    assert float((mean - x).abs().max()) < 0.25 * float(x.abs().max())

@@ -1,7 +1,8 @@
 """Shared masks and per-rank rounding (docs/algorithms.md §1 "linear with a shared mask", §3 PSync).
 
 random_block / random_k select the same blocks on every rank from (seed, step, bucket key, salt) alone,
-so avg_j C(x_j) is an allreduce of the payloads; docs/algorithms.md §1 fixes that mask (blake2b seed, hashed block scores),
+so avg_j C(x_j) is an allreduce of the payloads; docs/algorithms.md §1 fixes that mask (blake2b seed,
+hashed block scores),
 re-implemented in tests/reference/masks.py (ref_blocks). QSGD's stochastic rounding must instead be independent
 across ranks and reproducible for the same (seed, step, key, rank) (a resumed job redraws the same bits).
 

@@ -4,8 +4,12 @@
     r_i = s |v_i| / ||v_B||_2
 
 so E[C(v)] = v. Blocks of ``block`` elements (default 512; the last may be short) each carry one
-fp32 norm. The uniforms are drawn from a CPU/CUDA generator seeded by the :class:`MaskKey` *and
-the rank* (independent across ranks, reproducible on resume).
+fp32 norm. The uniforms are drawn on the tensor's device from a generator seeded by the
+:class:`MaskKey` *and the rank* (independent across ranks, reproducible on resume): torch's CPU
+generator on CPU, a CUDA (Philox) generator on the GPU (no host→device copy). The rounding only has
+to be independent across ranks and reproducible on one device type, so a CPU run and a GPU run of
+the same job round differently (with the same distribution); masks, unlike rounding, are the same on
+every device (random_block).
 
 Wire: signs packed 1 bit/element, levels packed L bits/element with L the smallest of {1,2,4,8}
 with 2^L >= s+1 (so s <= 255), one fp32 norm per block:
@@ -30,9 +34,19 @@ def level_bits(s: int) -> int:
     raise ValueError(f"qsgd: s must be <= 255, got {s}")
 
 
+_CUDA_GENERATORS: dict = {}  # device -> a torch.Generator, re-seeded per call (no allocation per step)
+
+
 def uniforms(numel: int, mk: MaskKey, device) -> torch.Tensor:
-    g = mk.cpu_generator(per_rank=True)
-    return torch.rand(numel, generator=g).to(device)
+    """U[0, 1) per element, a function of (mk, rank) and the device type, drawn on ``device``."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return torch.rand(numel, generator=mk.cpu_generator(per_rank=True))
+    g = _CUDA_GENERATORS.get(device)
+    if g is None:
+        g = _CUDA_GENERATORS[device] = torch.Generator(device=device)
+    g.manual_seed(mk.generator_seed(per_rank=True))
+    return torch.rand(numel, generator=g, device=device)
 
 
 def reference_compress(p, u, s, block):
