@@ -267,3 +267,13 @@ class TorchDistCommunicator(Communicator):
         self._end(t0)
         return outs
 
+
+def collective_failure(comm: Communicator, who: str, where: str, err: BaseException) -> RuntimeError:
+    """The error a user sees when a collective fails: who, when, the likely cause, then the backend's text."""
+    if str(err).startswith("cser_hooks"):
+        return err if isinstance(err, RuntimeError) else RuntimeError(str(err))
+    backend = " ".join(str(err).replace("Got the following error when running the callback: ", "").split())[:400]
+    return RuntimeError(
+        f"cser_hooks: rank {comm.rank} of {comm.world_size}, {where} ({who}): a collective failed. Most likely "
+        f"another rank exited (crashed, killed, out of memory) or lost its connection: the first error is in "
+        f"that rank's log. Backend said: {backend}")

@@ -34,7 +34,8 @@ class StepCounters:
     __slots__ = ("bytes_total", "bytes_last", "dense_last", "dense_acc", "dense_total", "steps",
                  "coll_last", "coll_total", "compress_seconds", "comm_seconds",
                  "wire_total", "wire_last", "dense_wire_last", "dense_wire_total", "wire_by", "handed_by",
-                 "agreement_bytes", "agreement_wire", "agreement_collectives")
+                 "agreement_bytes", "agreement_wire", "agreement_collectives", "uncompressed_keys",
+                 "uncompressed_bytes")
 
     def __init__(self):
         self.bytes_total = self.bytes_last = self.dense_last = self.dense_acc = self.dense_total = 0
@@ -44,12 +45,19 @@ class StepCounters:
         self.wire_by: dict[str, int] = {}
         self.handed_by: dict[str, int] = {}
         self.agreement_bytes = self.agreement_wire = self.agreement_collectives = 0
+        self.uncompressed_keys: set = set()
+        self.uncompressed_bytes = 0
 
     def timed(self, t0: float) -> None:
         self.compress_seconds += time.perf_counter() - t0
 
     def count_dense(self, grad: torch.Tensor) -> None:
         self.dense_acc += grad.numel() * grad.element_size()
+
+    def count_uncompressed(self, key, grad: torch.Tensor) -> None:
+        """A key sent dense because it is smaller than ``min_compress_numel``."""
+        self.uncompressed_keys.add(key)
+        self.uncompressed_bytes += grad.numel() * grad.element_size()
 
     def close_step(self, comm) -> None:
         """Take this step's figures from the communicator (and reset its counters).
@@ -83,6 +91,8 @@ class StepCounters:
         * ``dense_wire_bytes_total`` / ``_last_step``: DDP's dense ring allreduce of the same buckets,
           2(W−1)/W · dense bytes;
         * ``wire_compression_ratio``: wire / dense wire (None until a step with dense traffic at W > 1);
+        * ``uncompressed_keys`` / ``uncompressed_bytes_total``: keys (buckets, tensors) sent dense because
+          they are smaller than ``min_compress_numel``, and the bytes they handed (in the totals above);
         * ``agreement_bytes`` (wire, (W−1)·(8 + pickle)), ``agreement_bytes_handed``,
           ``agreement_collectives``: the configuration agreement and load-order checks
           (``all_gather_object``), cumulative, in none of the totals and ratios above.
@@ -90,6 +100,7 @@ class StepCounters:
         n = max(self.steps, 1)
         return {
             "bytes_sent_total": self.bytes_total, "bytes_sent_last_step": self.bytes_last,
+            "uncompressed_keys": len(self.uncompressed_keys), "uncompressed_bytes_total": self.uncompressed_bytes,
             "bytes_sent_mean_per_step": self.bytes_total / n,
             "dense_bytes_last_step": self.dense_last, "dense_bytes_total": self.dense_total,
             "compression_ratio": (self.bytes_total / self.dense_total) if self.dense_total else None,

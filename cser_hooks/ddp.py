@@ -21,6 +21,7 @@ from .algorithms.qprsgd import QPRSGD
 from .algorithms.qsparse import QsparseLocalSGD
 from .comm import TorchDistCommunicator
 from .exchange import StepContext, launch
+from .nonfinite import nonfinite_flag
 from .state import AlgorithmState
 
 __all__ = ["EFState", "ef_hook", "CSERState", "cser_hook", "CompSkipState", "compskip_hook", "run_hook",
@@ -81,6 +82,8 @@ def _run_key(state: AlgorithmState, key, grad: torch.Tensor, params: list) -> to
     ctx = StepContext(key, state.step, grad.numel(), _segments(state, key, params), state.names_of(params))
     where = f"step {ctx.step}, bucket {key!r}"
     state.comm.label = where
+    if grad.numel() < state.min_compress_numel:
+        return _dense_key(state, ctx, grad)
     state.before_key(key)
     state.before_bucket(ctx, params)
     ex = state.encode(grad, ctx)
@@ -99,6 +102,29 @@ def _run_key(state: AlgorithmState, key, grad: torch.Tensor, params: list) -> to
             raise state.collective_failure(where, e) from e
         return state.decode(grad, received, ctx)
     return fut.then(decoded)
+
+
+def _dense_key(state: AlgorithmState, ctx: StepContext, grad: torch.Tensor) -> torch.futures.Future:
+    """A bucket below ``min_compress_numel``: a plain average, no state. Its non-finite flag is taken from the
+    average (a NaN/Inf on any rank reaches every rank's average), so both policies still see it."""
+    state.counters.count_uncompressed(ctx.key, grad)
+    if state.check_finite and state.guard is not None:
+        state.guard.expect()
+    where = state.comm.label
+    try:
+        fut = state.comm.allreduce_mean_async(grad)
+    except RuntimeError as e:
+        raise state.collective_failure(where, e) from e
+
+    def checked(f):
+        try:
+            avg = f.value()
+        except RuntimeError as e:
+            raise state.collective_failure(where, e) from e
+        if state.check_finite:
+            state.check_flag(nonfinite_flag(avg), ctx)
+        return avg
+    return fut.then(checked)
 
 
 def _check_all_launched(state: AlgorithmState) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .bucket_layout import BucketLayout
-from .comm import Communicator
+from .comm import Communicator, collective_failure
 from .compressors import MaskKey
 from .compressors.per_tensor import PerTensor
 from .counters import StepCounters
@@ -42,17 +42,22 @@ class AlgorithmState:
     __slots__ = ("comm", "seed", "warmup_steps", "check_finite", "step", "buffers", "optimizer",
                  "_agreed", "_loaded", "_pending_flag", "counters",
                  "_hook_handle", "param_names", "_per_tensor", "seg_cache", "_lr_of", "buckets", "on_nonfinite",
-                 "guard", "_iteration", "on_world_size_change", "__weakref__")
+                 "guard", "_iteration", "on_world_size_change", "min_compress_numel", "__weakref__")
 
     def __init__(self, comm: Communicator, *, seed: int = 0, warmup_steps: int = 1, optimizer=None,
                  check_finite: bool = True, named_parameters=None, on_nonfinite: str = "raise",
-                 on_world_size_change: str = "raise"):
+                 on_world_size_change: str = "raise", min_compress_numel: int = 0):
         self.comm = comm
         self.seed = integer_knob(type(self).__name__, "seed", seed)
         self.warmup_steps = integer_knob(type(self).__name__, "warmup_steps", warmup_steps, 0)
         named_parameters = check_common_knobs(type(self).__name__, check_finite, on_nonfinite, self.skip_capable(),
                                               optimizer, named_parameters)
         check_world_size_policy(type(self).__name__, on_world_size_change)
+        self.min_compress_numel = integer_knob(type(self).__name__, "min_compress_numel", min_compress_numel, 0)
+        if self.min_compress_numel and not self.dense_keys_allowed():
+            raise ValueError(f"{type(self).__name__}: min_compress_numel needs an algorithm that averages gradients "
+                             f"(EF, CSER without momentum, CompSkip): here a key sent dense would skip the "
+                             f"algorithm's own step (momentum in the hook, local steps). Use 0.")
         self.on_world_size_change = on_world_size_change
         self.check_finite = bool(check_finite)
         self.on_nonfinite = on_nonfinite
@@ -77,6 +82,10 @@ class AlgorithmState:
             self.attach_optimizer(optimizer)
 
     # -- configuration ---------------------------------------------------------------------
+    def dense_keys_allowed(self) -> bool:
+        """Whether a key may be sent as a plain average instead (``min_compress_numel``)."""
+        return True
+
     def skip_capable(self) -> bool:
         """Whether every step's exchange carries the non-finite flag (needed by on_nonfinite='skip')."""
         return True
@@ -86,7 +95,8 @@ class AlgorithmState:
         return {"algorithm": self.algorithm, "seed": self.seed, "warmup_steps": self.warmup_steps,
                 "world_size": self.comm.world_size, "per_tensor": self.param_names is not None,
                 **({"on_nonfinite": "skip"} if self.guard is not None else {}),
-                **({"on_world_size_change": "reset"} if self.on_world_size_change == "reset" else {})}
+                **({"on_world_size_change": "reset"} if self.on_world_size_change == "reset" else {}),
+                **({"min_compress_numel": self.min_compress_numel} if self.min_compress_numel else {})}
 
     def names_of(self, params) -> list | None:
         """Parameter names of a bucket's tensors in per-tensor mode (else None)."""
@@ -154,14 +164,7 @@ class AlgorithmState:
             raise self.collective_failure(where, e) from e
 
     def collective_failure(self, where: str, err: BaseException) -> RuntimeError:
-        """The error a user sees when a collective fails: who, when, the likely cause, then the backend's text."""
-        if str(err).startswith("cser_hooks"):
-            return err if isinstance(err, RuntimeError) else RuntimeError(str(err))
-        backend = " ".join(str(err).replace("Got the following error when running the callback: ", "").split())[:400]
-        return RuntimeError(
-            f"cser_hooks: rank {self.comm.rank} of {self.comm.world_size}, {where} ({type(self).__name__}): a "
-            f"collective failed. Most likely another rank exited (crashed, killed, out of memory) or lost its "
-            f"connection: the first error is in that rank's log. Backend said: {backend}")
+        return collective_failure(self.comm, type(self).__name__, where, err)
 
     def mask_key(self, ctx: StepContext, salt: str = "c1", step: int | None = None) -> MaskKey:
         return MaskKey(self.seed, ctx.step if step is None else step, ctx.key, salt, self.comm.rank)

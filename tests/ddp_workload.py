@@ -86,7 +86,7 @@ def make_state(cfg: dict, optimizer):
         return None, allreduce_hook
     if algo == "ef":
         return D.EFState(compressor=cfg["compressor"], error_feedback=cfg.get("error_feedback", True),
-                         **common), D.ef_hook
+                         min_compress_numel=cfg.get("min_compress_numel", 0), **common), D.ef_hook
     if algo == "cser":
         opt = optimizer if cfg.get("give_optimizer", True) else None
         state = D.CSERState(c1=cfg["c1"], c2=cfg["c2"], period=cfg["period"], optimizer=opt,
@@ -200,6 +200,9 @@ CONFIGS = [
     # many small buckets (docs/algorithms.md §8: per-bucket collectives must stay in order on gloo)
     dict(name="ef_rb_mom_buckets", algo="ef", compressor=RB16, momentum=0.9, bucket_cap_mb=TINY_BUCKETS),
     dict(name="ef_topk_sgd_buckets", algo="ef", compressor=TOPK16, momentum=0.0, bucket_cap_mb=TINY_BUCKETS),
+    # the two 32-element bias buckets go dense (min_compress_numel), the three others are compressed
+    dict(name="ef_rb_mom_small_dense", algo="ef", compressor=RB16, momentum=0.9, bucket_cap_mb=TINY_BUCKETS,
+         min_compress_numel=100),
     _cser("cser_part_mom_buckets", RB4, 0.9, bucket_cap_mb=TINY_BUCKETS),
     _cser("cser_full_sgd_buckets", "identity", 0.0, bucket_cap_mb=TINY_BUCKETS),
     _cser("cser_part_sgd_noopt_buckets", RB4, 0.0, give_optimizer=False,

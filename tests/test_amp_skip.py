@@ -28,6 +28,8 @@ pytestmark = [pytest.mark.timeout(400)]
 ALGOS = {
     "ef_random_block": ("EFState", "ef_hook", {"compressor": "random_block:ratio=1/8,block=16"}, 0.9),
     "ef_top_k": ("EFState", "ef_hook", {"compressor": "top_k:ratio=1/8"}, 0.9),
+    # the 64-element bias bucket goes dense (min_compress_numel): its flag comes from the average
+    "ef_top_k_small_dense": ("EFState", "ef_hook", {"compressor": "top_k:ratio=1/8", "min_compress_numel": 100}, 0.9),
     "cser": ("CSERState", "cser_hook", {"c1": "random_block:ratio=1/8,block=16", "c2": "identity",
                                          "period": 4}, 0.9),
     "mcser_top_k": ("CSERState", "cser_hook", {"c1": "top_k:ratio=1/8", "c2": "random_block:ratio=1/2,block=16",
@@ -114,6 +116,7 @@ def test_skipped_step_leaves_state_bitwise_unchanged(algo):
             for n, t in b["buffers"][k].items():
                 assert torch.equal(a["buffers"][k][n], t), f"rank {rank}: {n!r} of key {k!r} changed"
         assert r["stats"]["skipped_steps"] == 1
+        assert (r["stats"]["uncompressed_keys"] == 1) == ("small_dense" in algo), r["stats"]["uncompressed_keys"]
         # the shadows are one copy of the per-key tensors (CSER with a shared-mask C1 stores none)
         assert r["stats"]["shadow_bytes"] == r["stats"]["state_bytes"]
         assert (r["stats"]["state_bytes"] > 0) == (algo != "cser")

@@ -59,6 +59,14 @@ def test_hook_matches_reference(world, name):
     assert moved > 100 * TOL, f"{name}: the parameters hardly moved ({moved}); the comparison is void"
 
 
+def test_small_buckets_go_dense_and_are_counted(world):
+    _, runs = world
+    for r in runs["ef_rb_mom_small_dense"]:
+        assert r["stats"]["uncompressed_keys"] == 2, r["stats"]["uncompressed_keys"]
+        assert r["stats"]["uncompressed_bytes_total"] == 2 * 32 * 4 * (W.STEPS - 1)  # every compressed step
+    assert all(r["stats"]["uncompressed_keys"] == 0 for r in runs["ef_rb_mom_buckets"])
+
+
 def test_plain_compressed_sgd_keeps_no_residual(world):
     """error_feedback=False sends C(g) from the gradient itself: no per-key tensor at all."""
     _, runs = world
@@ -108,6 +116,7 @@ WRONG = [
     ("ef_rb_sgd", dict(seed=1)),
     ("ef_topk_mom", dict(compressor="top_k:ratio=1/8")),
     ("ef_topk_noef", dict(error_feedback=True)),
+    ("ef_rb_mom_small_dense", dict(min_compress_numel=0)),
     ("cser_part_sgd", dict(seed=1)),
     ("cser_full_mom", dict(period=5)),
     ("cser_part_mom", dict(c2="random_block:ratio=1/4,block=16")),

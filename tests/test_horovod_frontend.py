@@ -147,7 +147,9 @@ class Reference:
         out = [{} for _ in range(self.W)]
         for n in self.names:
             gs = [g[i][n] for i in range(self.W)]
-            if cls in ("RandomBlock", "RandomK"):
+            if gs[0].numel() < kw.get("min_compress_numel", 0):  # small tensors: a plain average
+                res = [avg(gs)] * self.W
+            elif cls in ("RandomBlock", "RandomK"):
                 spec = (f"random_block:ratio={kw['ratio']},block={kw['block']}" if cls == "RandomBlock"
                         else f"random_k:ratio={kw['ratio']}")
                 a = avg(compress_dense(spec, v, self.seed, s, n) for v in gs)
@@ -208,9 +210,9 @@ def max_diff(a: dict, b: dict) -> float:
 # --------------------------------------------------------------------------------------------------
 # 1. every class, 2 and 4 ranks, against the reference
 
-EXACT = ["none", "random_block", "random_k", "ef_rb", "ef_rb_noopt", "ef_rb_bpps2", "ef_rb_bpps2_keep",
-         "ef_rb_ckpt", "cser_part", "cser_full_dist", "cser_part_noopt", "cser_pl", "ag_ef_topk",
-         "ag_ef_sign", "ag_cser_topk"]
+EXACT = ["none", "random_block", "random_k", "ef_rb", "ef_rb_small_dense", "ag_ef_topk_small_dense",
+         "ef_rb_noopt", "ef_rb_bpps2", "ef_rb_bpps2_keep", "ef_rb_ckpt", "cser_part", "cser_full_dist",
+         "cser_part_noopt", "cser_pl", "ag_ef_topk", "ag_ef_sign", "ag_cser_topk"]
 
 
 @pytest.mark.parametrize("name", EXACT)
@@ -225,6 +227,18 @@ def test_matches_reference(world, name):
         assert d <= TOL, f"{name}, np={np_}, rank {r['rank']}: max |horovod - reference| = {d}"
     moved = max_diff(results[0]["runs"][name]["final"], init)
     assert moved > 100 * TOL, f"{name}: parameters hardly moved ({moved}); the comparison is void"
+
+
+@pytest.mark.parametrize("name", ["ef_rb_small_dense", "ag_ef_topk_small_dense"])
+def test_small_tensors_go_dense_and_are_counted(world, name):
+    _, results = world
+    n_small = sum(p.numel() < 50 for p in W.init_params().values())
+    for r in results:
+        assert r["runs"][name]["stats"][-1]["uncompressed_keys"] == n_small > 0
+    # and the wrong reference (everything compressed) is told apart
+    cfg = {**J.CONFIG[name], "kw": {k: v for k, v in J.CONFIG[name]["kw"].items() if k != "min_compress_numel"}}
+    wrong = Reference(cfg, len(results)).run(cfg.get("steps", J.STEPS))
+    assert max_diff(results[0]["runs"][name]["final"], wrong.x[0]) > 20 * TOL
 
 
 @pytest.mark.parametrize("name", ["ef_rb", "ef_rb_noopt", "random_block", "random_k", "ag_ef_topk",

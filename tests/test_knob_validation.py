@@ -99,6 +99,7 @@ KNOB_CASES: list = [
     _case("all states", "check_finite", lambda: ErrorFeedback(TwoRanks(), check_finite="no")),
     _case("all states", "on_nonfinite", lambda: ErrorFeedback(TwoRanks(), on_nonfinite="ignore")),
     _case("all states", "on_world_size_change", lambda: ErrorFeedback(TwoRanks(), on_world_size_change="keep")),
+    _case("all states", "min_compress_numel", lambda: ErrorFeedback(TwoRanks(), min_compress_numel=-1)),
     _case("all states", "optimizer", lambda: ErrorFeedback(TwoRanks(), optimizer="sgd"), (TypeError, ValueError)),
     _case("all states", "named_parameters", lambda: ErrorFeedback(TwoRanks(), named_parameters=[torch.zeros(2)]),
           (TypeError, ValueError)),
@@ -224,7 +225,18 @@ def test_readme_knob_table_and_cases_agree():
     assert not cases - set(rows), f"test cases without a README row: {sorted(cases - set(rows))}"
 
 
+@pytest.mark.parametrize("make", [lambda: DistEFSGDM(TwoRanks(), min_compress_numel=64),
+                                  lambda: CSER(TwoRanks(), momentum=0.9, min_compress_numel=64),
+                                  lambda: QsparseLocalSGD(TwoRanks(), min_compress_numel=64),
+                                  lambda: QPRSGD(TwoRanks(), min_compress_numel=64)])
+def test_min_compress_numel_refused_where_a_dense_key_would_skip_the_algorithm(make):
+    with pytest.raises(ValueError, match="min_compress_numel needs an algorithm that averages gradients"):
+        make()
+
+
 def test_valid_edge_values_are_still_accepted():
+    assert ErrorFeedback(TwoRanks(), min_compress_numel=4096).config()["min_compress_numel"] == 4096
+    assert "min_compress_numel" not in ErrorFeedback(TwoRanks()).config()  # old checkpoints keep loading
     assert ErrorFeedback(TwoRanks(), error_feedback=0).error_feedback is False
     assert CSER(TwoRanks(), momentum=np.float64(0.9), nesterov=np.bool_(True)).nesterov is True
     assert CSER(TwoRanks(), momentum=0, nesterov=0).momentum == 0.0

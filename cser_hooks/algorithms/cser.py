@@ -130,6 +130,9 @@ class CSER(AlgorithmState):
             check_mcser_optimizer(optimizer, self.momentum)
         super().attach_optimizer(optimizer)
 
+    def dense_keys_allowed(self) -> bool:
+        return not self.momentum  # M-CSER's momentum lives in the hook
+
     def skip_capable(self) -> bool:
         return not self.c1.sends_nothing  # CSER-PL's local steps exchange no flag
 

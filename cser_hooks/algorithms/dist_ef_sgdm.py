@@ -141,6 +141,9 @@ class DistEFSGDM(AlgorithmState):
         self._plans: dict[tuple, ChunkPlan] = {}
         super().__init__(comm, **kw)
 
+    def dense_keys_allowed(self) -> bool:
+        return False  # the momentum lives in the hook: a dense key would train without it
+
     def config(self):
         return {**super().config(), "compressor": self.compressor.spec(), "momentum": self.momentum,
                 "nesterov": self.nesterov}

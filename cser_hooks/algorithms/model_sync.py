@@ -44,6 +44,9 @@ class ModelSync(AlgorithmState):
         self._synced: dict = {}
         super().__init__(comm, **kw)
 
+    def dense_keys_allowed(self) -> bool:
+        return False  # gradients stay local between syncs: a dense key would be synchronous SGD
+
     def skip_capable(self) -> bool:
         return False  # local steps exchange no flag: ranks' GradScalers could skip different steps
 

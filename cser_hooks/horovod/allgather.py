@@ -85,7 +85,9 @@ class AllgatherDriver(HorovodDriver):
             with self.comm.named(f"p.{name}"):
                 alg.before_bucket(ctx, [p])
                 alg.count_dense(flat)
-                if step < alg.warmup_steps:
+                if step < alg.warmup_steps or flat.numel() < alg.min_compress_numel:
+                    if step >= alg.warmup_steps:
+                        alg.counters.count_uncompressed(name, flat)
                     fut, ctx = self.comm.allreduce_mean_async(flat), None
                 else:
                     ctx.exchange = alg.encode(flat, ctx)
@@ -111,9 +113,11 @@ class AllgatherEF(AllgatherDriver):
     """
 
     def __init__(self, named_parameters, compressor="top_k:ratio=1/64", *, optimizer, seed: int = 0,
-                 warmup_steps: int = 1, error_feedback: bool = True, check_finite: bool = True):
+                 warmup_steps: int = 1, error_feedback: bool = True, check_finite: bool = True,
+                 min_compress_numel: int = 0):
         super().__init__("AllgatherEF", named_parameters, ErrorFeedback, compressor, error_feedback=error_feedback,
-                         seed=seed, warmup_steps=warmup_steps, optimizer=optimizer, check_finite=check_finite)
+                         seed=seed, warmup_steps=warmup_steps, optimizer=optimizer, check_finite=check_finite,
+                         min_compress_numel=min_compress_numel)
 
 
 class AllgatherCSER(AllgatherDriver):
@@ -122,6 +126,8 @@ class AllgatherCSER(AllgatherDriver):
     :class:`AllgatherEF`."""
 
     def __init__(self, named_parameters, c1="top_k:ratio=1/64", c2="identity", period: int = 16, *, optimizer,
-                 seed: int = 0, warmup_steps: int = 1, check_finite: bool = True):
+                 seed: int = 0, warmup_steps: int = 1, check_finite: bool = True,
+                 min_compress_numel: int = 0):
         super().__init__("AllgatherCSER", named_parameters, CSER, c1, c2, period, seed=seed,
-                         warmup_steps=warmup_steps, optimizer=optimizer, check_finite=check_finite)
+                         warmup_steps=warmup_steps, optimizer=optimizer, check_finite=check_finite,
+                         min_compress_numel=min_compress_numel)

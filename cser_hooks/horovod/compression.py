@@ -24,19 +24,23 @@ class RandomBlockCompression(HorovodDriver):
     """
 
     def __init__(self, ratio: float, block: int = 256, *, named_parameters=None, seed: int = 0,
-                 warmup_steps: int = 0, scaled: bool = False, check_finite: bool = True):
+                 warmup_steps: int = 0, scaled: bool = False, check_finite: bool = True,
+                 min_compress_numel: int = 0):
         spec = f"random_block:ratio={float(ratio)!r},block={int(block)}" + (",scaled=1" if scaled else "")
         super().__init__(type(self).__name__, named_parameters, ErrorFeedback, spec, error_feedback=False,
-                         seed=seed, warmup_steps=warmup_steps, check_finite=check_finite)
+                         seed=seed, warmup_steps=warmup_steps, check_finite=check_finite,
+                         min_compress_numel=min_compress_numel)
 
 
 class RandomKCompression(RandomBlockCompression):
     """``compression=RandomKCompression(1/64, named_parameters=...)``: 1-element blocks."""
 
     def __init__(self, ratio: float, *, named_parameters=None, seed: int = 0, warmup_steps: int = 0,
-                 scaled: bool = False, check_finite: bool = True):
+                 scaled: bool = False, check_finite: bool = True,
+                 min_compress_numel: int = 0):
         super().__init__(ratio, 1, named_parameters=named_parameters, seed=seed, warmup_steps=warmup_steps,
-                         scaled=scaled, check_finite=check_finite)
+                         scaled=scaled, check_finite=check_finite,
+                         min_compress_numel=min_compress_numel)
 
 
 class EFCompression(HorovodDriver):
@@ -50,11 +54,12 @@ class EFCompression(HorovodDriver):
     """
 
     def __init__(self, named_parameters, compressor="random_block:ratio=1/32", *, seed: int = 0,
-                 warmup_steps: int = 1, optimizer=None, error_feedback: bool = True, check_finite: bool = True):
+                 warmup_steps: int = 1, optimizer=None, error_feedback: bool = True, check_finite: bool = True,
+                 min_compress_numel: int = 0):
         require_allreducible(get_compressor(compressor), "EFCompression", "AllgatherEF")
         super().__init__("EFCompression", named_parameters, ErrorFeedback, compressor,
                          error_feedback=error_feedback, seed=seed, warmup_steps=warmup_steps, optimizer=optimizer,
-                         check_finite=check_finite)
+                         check_finite=check_finite, min_compress_numel=min_compress_numel)
 
 
 class CSERCompression(HorovodDriver):
@@ -70,7 +75,9 @@ class CSERCompression(HorovodDriver):
     """
 
     def __init__(self, named_parameters, c1="random_block:ratio=1/64", c2="identity", period: int = 16, *,
-                 seed: int = 0, warmup_steps: int = 1, optimizer=None, check_finite: bool = True):
+                 seed: int = 0, warmup_steps: int = 1, optimizer=None, check_finite: bool = True,
+                 min_compress_numel: int = 0):
         require_allreducible(get_compressor(c1), "CSERCompression", "AllgatherCSER")
         super().__init__("CSERCompression", named_parameters, CSER, c1, c2, period, seed=seed,
-                         warmup_steps=warmup_steps, optimizer=optimizer, check_finite=check_finite)
+                         warmup_steps=warmup_steps, optimizer=optimizer, check_finite=check_finite,
+                         min_compress_numel=min_compress_numel)

@@ -110,7 +110,9 @@ class HorovodDriver:
         with self.comm.named(f"p.{name}"):
             alg.before_bucket(ctx, [self.named.params[name]])
         alg.count_dense(flat)
-        if step < alg.warmup_steps:  # dense: Horovod averages the gradient itself
+        if step < alg.warmup_steps or flat.numel() < alg.min_compress_numel:  # dense: Horovod averages it
+            if step >= alg.warmup_steps:
+                alg.counters.count_uncompressed(name, flat)
             self.comm.count_handed(tensor)
             return tensor, Pending(flat, tensor.shape, None)
         ex = ctx.exchange = alg.encode(flat, ctx)

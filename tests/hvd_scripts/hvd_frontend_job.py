@@ -36,6 +36,11 @@ CONFIGS = [
     dict(name="random_k", cls="RandomK", kw=dict(ratio=1 / 8, warmup_steps=2), momentum=0.0),
     dict(name="ef_rb", cls="EF", kw=dict(compressor=RB16), momentum=0.9, attach="inner"),
     dict(name="ef_rb_noopt", cls="EF", kw=dict(compressor=RB16), momentum=0.9, attach=None),
+    # the bias vectors (< 50 elements) go through Horovod's dense average
+    dict(name="ef_rb_small_dense", cls="EF", kw=dict(compressor=RB16, min_compress_numel=50), momentum=0.9,
+         attach="inner"),
+    dict(name="ag_ef_topk_small_dense", cls="AllgatherEF", kw=dict(compressor=TOPK16, min_compress_numel=50),
+         momentum=0.9, attach="inner"),
     dict(name="ef_rb_bpps2", cls="EF", kw=dict(compressor=RB16), momentum=0.9, attach="inner", bpps=2,
          set_to_none=True, groups=2),
     dict(name="ef_rb_bpps2_keep", cls="EF", kw=dict(compressor=RB16), momentum=0.9, attach="inner", bpps=2,

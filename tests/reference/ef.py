@@ -4,7 +4,7 @@ Per bucket b and rank i, residual e (fp32, zero at start):
     p_i = g_i + e_i ;  Δ_i = C(p_i) ;  e_i = p_i − Δ_i ;  every rank applies avg_j Δ_j
 with the mask key (seed, step, bucket index, "c1"). Steps before ``warmup_steps`` are plain
 averages and leave e untouched. ``error_feedback=False``: Δ_i = C(g_i), no residual (plain
-compressed SGD).
+compressed SGD). A bucket of fewer than ``min_compress_numel`` elements is always a plain average.
 """
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ from .masks import RefCompressor
 
 
 def simulate_ef(world: World, steps: int, layouts, compressor: str, seed: int = 0, warmup_steps: int = 1,
-                history: list | None = None, error_feedback: bool = True):
+                history: list | None = None, error_feedback: bool = True, min_compress_numel: int = 0):
     comp = RefCompressor(compressor)
     residual: dict = {}
 
     def transform(step, b, grads):
+        if grads[0].numel() < min_compress_numel:
+            return [average(grads)] * len(grads)
         e = residual.setdefault(b, [g.new_zeros(g.shape) for g in grads])
         deltas = []
         for i, g in enumerate(grads):

@@ -26,7 +26,7 @@ def simulate(cfg: dict, init: dict, grad_fn, world_size: int, steps: int, layout
     algo = cfg["algo"]
     if algo == "ef":
         return simulate_ef(world, steps, layouts, cfg["compressor"], error_feedback=cfg.get("error_feedback", True),
-                           **common)
+                           min_compress_numel=cfg.get("min_compress_numel", 0), **common)
     if algo == "compskip":
         return simulate_compskip(world, steps, layouts, cfg["compressor"], send_every=cfg.get("send_every"),
                                  send_steps=cfg.get("send_steps"), **common)
