@@ -125,6 +125,8 @@ class FSDPDriver:
                 raise ValueError(f"cser_hooks.fsdp: {knob}= is not supported: the keys are the FSDP groups "
                                  f"(module FQN and shard coordinate) and the group is the mesh's "
                                  f"{replicate_dim!r} dimension")
+        if kw.get("on_nonfinite") == "auto":
+            kw["on_nonfinite"] = "raise"  # no skip on this front end yet: auto resolves to raise
         if kw.get("on_nonfinite", "raise") != "raise":
             raise ValueError("cser_hooks.fsdp: on_nonfinite='skip' (fp16 + GradScaler) is not supported on the "
                              "FSDP front end yet; use bf16 (MixedPrecisionPolicy(reduce_dtype=torch.bfloat16)) "

@@ -21,6 +21,7 @@ gradient and the state's step counter follows ``trainer.global_step``.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -64,7 +65,9 @@ class CommHook(pl.Callback):
       process_group: the group to compress over (default: the whole world, as DDP).
       **knobs: the state's own knobs (``c1``, ``c2``, ``period``, ``compressor``, ``seed``,
           ``warmup_steps``, ``progress_timeout``, ...), validated when the state is built, at fit
-          start, on every rank alike. Not ``optimizer``: the callback passes Lightning's.
+          start, on every rank alike. Not ``optimizer``: the callback passes Lightning's. With a
+          GradScaler in the precision plugin (``precision="16-mixed"``) ``on_nonfinite`` defaults to
+          ``"auto"`` (skip the overflowing steps where the state can, README "Mixed precision").
 
     ``callback.state`` is the state of the running (or last) fit: ``callback.state.stats()``.
 
@@ -129,7 +132,14 @@ class CommHook(pl.Callback):
         optimizer = trainer.optimizers[0]
         if isinstance(self.algorithm, str):
             cls, hook = ALGORITHMS[self.algorithm]
-            self.state = cls(self.process_group, optimizer=optimizer, **self.knobs)
+            knobs = dict(self.knobs)
+            if getattr(trainer.precision_plugin, "scaler", None) is not None:
+                knobs.setdefault("on_nonfinite", "auto")  # a GradScaler overflows while it calibrates
+            self.state = cls(self.process_group, optimizer=optimizer, **knobs)
+            if self.state.on_nonfinite == "raise" and knobs.get("on_nonfinite") == "auto":
+                warnings.warn(f"cser_hooks: CommHook: {type(self.state).__name__} with these knobs cannot skip a "
+                              f"GradScaler overflow (its local steps carry no flag): the first overflow raises. "
+                              f"Use precision='bf16-mixed', which needs no scaler.", RuntimeWarning, stacklevel=2)
         else:
             self.state = self.algorithm(optimizer)
             hook = _hook_for(self.state)

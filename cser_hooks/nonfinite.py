@@ -20,8 +20,13 @@ The verdict costs at most one device→host read per step (:attr:`StepGuard.host
 them): the flags of a step are summed on the device; when the step's last bucket is decoded
 the sum is copied into a pinned host buffer (non-blocking, with a CUDA event); it is read at the
 next iteration's first hook call, after the optimizer step (by then the copy is long done),
-or in the optimizer's step post-hook, where a step that *ran* on a flagged gradient (no
-GradScaler skipped it) raises the clear error instead of training on NaN.
+or in the optimizer's step *pre*-hook, where a step about to run on a flagged gradient (no
+GradScaler skipped it) raises the clear error before the parameters change.
+
+``"auto"`` resolves, when the state is built, to ``"skip"`` where the configuration can skip (every
+exchange carries the flag, ``check_finite=True``) and to ``"raise"`` elsewhere (Qsparse, QPRSGD,
+CSER with ``c1="zero"``: their local steps exchange no flag). ``cser_hooks.lightning.CommHook``
+passes it when the trainer's precision plugin holds a GradScaler (``precision="16-mixed"``).
 """
 from __future__ import annotations
 
@@ -43,7 +48,8 @@ def nonfinite_error(rank: int, nranks: float, step: int, key, who: str, applied:
     if applied:
         return FloatingPointError(
             f"cser_hooks: rank {rank}: non-finite gradient (NaN/Inf) on {int(nranks)} rank(s) at step {step} "
-            f"({who}, on_nonfinite='skip'), and optimizer.step() ran on it: nothing skipped the step. "
+            f"({who}, on_nonfinite='skip'), and optimizer.step() was called on it: nothing skipped the step "
+            f"(raised before the step: the parameters are unchanged). "
             f"on_nonfinite='skip' is for a torch.amp.GradScaler (scaler.step(optimizer) skips such steps); "
             f"without one use on_nonfinite='raise', lower the learning rate or clip the gradients.")
     return FloatingPointError(

@@ -24,7 +24,7 @@ from .compressors import MaskKey
 from .compressors.per_tensor import PerTensor
 from .counters import StepCounters
 from .exchange import Exchange, StepContext
-from .knobs import check_checkpoint, check_common_knobs, check_world_size_policy, integer_knob
+from .knobs import check_checkpoint, check_common_knobs, check_world_size_policy, integer_knob, resolve_policy
 from .nonfinite import StepGuard, nonfinite_error, poison
 
 
@@ -50,6 +50,7 @@ class AlgorithmState:
         self.comm = comm
         self.seed = integer_knob(type(self).__name__, "seed", seed)
         self.warmup_steps = integer_knob(type(self).__name__, "warmup_steps", warmup_steps, 0)
+        on_nonfinite = resolve_policy(on_nonfinite, check_finite, self.skip_capable())
         named_parameters = check_common_knobs(type(self).__name__, check_finite, on_nonfinite, self.skip_capable(),
                                               optimizer, named_parameters)
         check_world_size_policy(type(self).__name__, on_world_size_change)
@@ -69,9 +70,8 @@ class AlgorithmState:
         self._loaded: dict[Any, dict[str, torch.Tensor]] = {}
         self._pending_flag = None
         self.counters = StepCounters()
-        self._hook_handle = None
-        # per-tensor mode: masks keyed by parameter name (docs/algorithms.md §3 last paragraph; makes the
-        # DDP and Horovod front ends select the same coordinates)
+        self._hook_handle = ()
+        # per-tensor mode: masks keyed by parameter name (docs/algorithms.md §3; DDP = Horovod's coordinates)
         self.param_names = None if named_parameters is None else {id(p): n for n, p in named_parameters}
         self._per_tensor = {}
         self.seg_cache: dict[Any, list] = {}  # key -> element offsets of its tensors (front end fills it)
@@ -144,16 +144,20 @@ class AlgorithmState:
 
     def attach_optimizer(self, optimizer) -> None:
         """Run ``after_optimizer_step`` right after every ``optimizer.step()`` (a step post-hook)."""
-        if self._hook_handle is not None:
-            self._hook_handle.remove()
+        for handle in self._hook_handle:
+            handle.remove()
         self.use_optimizer(optimizer)
-        self._hook_handle = optimizer.register_step_post_hook(lambda opt, args, kwargs: self._post_step())
+        self._hook_handle = (optimizer.register_step_post_hook(lambda opt, args, kwargs: self._post_step()),)
+        if self.guard is not None:
+            self._hook_handle += (optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._pre_step()),)
+
+    def _pre_step(self) -> None:
+        """skip: a step called on a flagged gradient (no GradScaler) raises before the parameters change."""
+        v = self.guard.verdict()
+        if v is not None and v[1] != 0:
+            raise nonfinite_error(self.comm.rank, v[1], v[0], None, type(self).__name__, applied=True)
 
     def _post_step(self) -> None:
-        if self.guard is not None:
-            v = self.guard.verdict()
-            if v is not None and v[1] != 0:
-                raise nonfinite_error(self.comm.rank, v[1], v[0], None, type(self).__name__, applied=True)
         where = f"step {self.step - 1}, after optimizer.step() (model synchronization)"
         self.comm.label = where
         try:

@@ -14,7 +14,8 @@ so its gradients hold inf/NaN, as a too-large loss scale produces). Checked:
 * the job trains: with overflows injected at several steps each algorithm ends near the same job
   without them;
 * ``on_nonfinite="raise"`` keeps its clear error on every rank, and "skip" without a GradScaler
-  (optimizer.step() runs on the flagged gradient) raises instead of training on NaN.
+  (optimizer.step() called on the flagged gradient) raises before the parameters change;
+  ``"auto"`` is "skip" where the configuration can skip, else "raise".
 """
 from __future__ import annotations
 
@@ -82,7 +83,11 @@ def _train(rank, ws, algo, steps, bad_steps, policy="skip", scaler_on=True, watc
         if rank == 1 and it in bad_steps:
             loss = loss * float("inf")
         scaler.scale(loss).backward()
-        scaler.step(opt)
+        try:
+            scaler.step(opt)
+        except FloatingPointError as e:
+            unchanged = all(torch.equal(a, b) for a, b in zip(params_before, model.parameters()))
+            raise FloatingPointError(f"{e} [parameters unchanged: {unchanged}]") from e
         scaler.update()
         if st.guard is not None:
             out["reads"].append(st.guard.host_reads - reads0)
@@ -154,7 +159,22 @@ def test_raise_policy_still_raises_on_every_rank():
 def test_skip_without_a_scaler_raises_instead_of_training_on_nan():
     with pytest.raises(RankError) as err:
         run_ranks(_train, 2, "cser", 6, {3}, scaler_on=False, timeout=120)
-    assert "optimizer.step() ran on it" in str(err.value)
+    assert "optimizer.step() was called on it" in str(err.value)
+    assert "[parameters unchanged: True]" in str(err.value)  # raised by the step pre-hook
+
+
+def test_auto_policy_skips_where_it_can_and_raises_elsewhere():
+    from cser_hooks.algorithms.cser import CSER
+    from cser_hooks.algorithms.ef import ErrorFeedback
+    from cser_hooks.algorithms.qsparse import QsparseLocalSGD
+    from cser_hooks.comm import Communicator
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(3))], lr=0.1)
+    assert ErrorFeedback(Communicator(), optimizer=opt, on_nonfinite="auto").guard is not None
+    assert ErrorFeedback(Communicator(), optimizer=opt, on_nonfinite="auto", check_finite=False).guard is None
+    assert CSER(Communicator(), c1="zero", optimizer=opt, on_nonfinite="auto").guard is None
+    q = QsparseLocalSGD(Communicator(), on_nonfinite="auto")
+    assert q.guard is None and q.on_nonfinite == "raise"
 
 
 def test_skip_refused_where_local_steps_carry_no_flag():

@@ -76,6 +76,20 @@ def test_accumulate_grad_batches(tmp_path):
     check_active(r["cser_acc2"], STEPS // 2)  # DDP's no_sync: one hook call per optimizer step
 
 
+def test_fp16_gradscaler_overflows_are_skipped(tmp_path):
+    # Lightning's fp16 plugin on the CPU holds a real GradScaler: the callback builds the state with
+    # on_nonfinite="auto" ("skip" for CSER), so the injected overflows (rank 1 only) skip the step on
+    # both ranks instead of failing the fit, and training goes on
+    require("lightning.pytorch", "lightning")
+    r = launch(tmp_path, ["plain", "cser_fp16"], timeout=150)["cser_fp16"]
+    assert r["on_nonfinite"] == "skip"
+    assert r["stats"]["skipped_steps"] == 2, r["stats"]
+    # Lightning counts the skipped optimizer steps in global_step; the state ran them again
+    assert r["global_step"] == STEPS and r["state_step"] == STEPS - 2, r
+    assert r["scale"] == 2.0 ** 16 / 4  # each GradScaler halved its initial scale twice
+    assert r["accuracy"] > 88, r["accuracy"]
+
+
 def test_misuse_fails_with_the_fix(main_runs):
     work, _ = main_runs
     r = launch(work, ["single", "world1"], timeout=90)

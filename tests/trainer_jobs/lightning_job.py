@@ -8,6 +8,8 @@ so every run below happens in both processes, one Trainer after the other. Runs:
   resume       a new Trainer with CommHook, fit(ckpt_path=<cser's epoch-0 checkpoint>) to EPOCHS
   plain_acc2   plain with accumulate_grad_batches=2
   cser_acc2    cser with accumulate_grad_batches=2
+  cser_fp16    cser with Lightning's fp16 MixedPrecision plugin on the CPU (a real GradScaler("cpu"); the
+               callback picks on_nonfinite="auto"), overflows injected on rank 1 at OVERFLOW_STEPS
   single       CommHook with one CPU device (SingleDeviceStrategy): must raise; and two bad constructions
                (unknown algorithm, optimizer=...)   [1 process]
   world1       strategy="ddp", devices=1, ckpt_path=<a 2-rank checkpoint>: must raise   [1 process]
@@ -52,6 +54,19 @@ class Net(pl.LightningModule):
         return DataLoader(TensorDataset(self.xtr, self.ytr), batch_size=digits.BATCH, shuffle=True)
 
 
+OVERFLOW_STEPS = (5, 30)
+
+
+class Overflowing(Net):
+    """Rank 1's loss times inf at OVERFLOW_STEPS (as a too-large loss scale overflows fp16)."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if self.global_rank == 1 and self.trainer.global_step in OVERFLOW_STEPS:
+            loss = loss * float("inf")
+        return loss
+
+
 class Probe(pl.Callback):
     """After each optimizer step: are the replicas bitwise equal? (one all_gather_object per step)."""
 
@@ -90,9 +105,17 @@ def fit(name: str, workdir: Path, accumulate: int = 1, hook: bool = True, ckpt_p
     if name == "cser":
         callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=workdir / "ckpt", every_n_epochs=1, save_top_k=-1,
                                                       save_on_train_epoch_end=True))
-    model = Net()
+    model = Overflowing() if name == "cser_fp16" else Net()
     comm = None
-    if hook and accumulate == 1:
+    if name == "cser_fp16":
+        from lightning.pytorch.plugins import MixedPrecision
+
+        comm = CommHook("cser", **digits.CSER)
+        trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=EPOCHS,
+                             callbacks=[*callbacks, comm], plugins=[MixedPrecision("16-mixed", "cpu")])
+        trainer.fit(model)
+        scaler = trainer.precision_plugin.scaler
+    elif hook and accumulate == 1:
         comm = readme_fit(model, callbacks, ckpt_path)
     else:
         if hook:
@@ -108,6 +131,9 @@ def fit(name: str, workdir: Path, accumulate: int = 1, hook: bool = True, ckpt_p
     if comm is not None:
         out["stats"] = {k: v for k, v in comm.state.stats().items() if isinstance(v, (int, float, type(None)))}
         out["state_step"] = comm.state.step
+        out["on_nonfinite"] = comm.state.on_nonfinite
+    if name == "cser_fp16":
+        out["scale"] = scaler.get_scale()
     return out
 
 
