@@ -28,6 +28,8 @@ pytestmark = [pytest.mark.timeout(400)]
 
 ALGOS = {
     "ef_random_block": ("EFState", "ef_hook", {"compressor": "random_block:ratio=1/8,block=16"}, 0.9),
+    "ef_random_block_bf16": ("EFState", "ef_hook", {"compressor": "random_block:ratio=1/8,block=16",
+                                                    "residual_dtype": "bf16"}, 0.9),
     "ef_top_k": ("EFState", "ef_hook", {"compressor": "top_k:ratio=1/8"}, 0.9),
     # the 64-element bias bucket goes dense (min_compress_numel): its flag comes from the average
     "ef_top_k_small_dense": ("EFState", "ef_hook", {"compressor": "top_k:ratio=1/8", "min_compress_numel": 100}, 0.9),

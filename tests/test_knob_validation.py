@@ -111,6 +111,8 @@ for _bad in (0, -1.0, "10", True):
     KNOB_CASES.append(_case("all DDP states", "progress_timeout", lambda v=_bad: ProgressWatch(v, 0)))
 for _bad in ("no", None, 2):
     KNOB_CASES.append(_case("EFState", "error_feedback", lambda v=_bad: ErrorFeedback(TwoRanks(), error_feedback=v)))
+for _bad in ("fp16", torch.bfloat16, None):
+    KNOB_CASES.append(_case("EFState", "residual_dtype", lambda v=_bad: ErrorFeedback(TwoRanks(), residual_dtype=v)))
 for _bad in (1.0, -0.1, "0.9", None, float("nan")):
     KNOB_CASES += [_case("CSERState", "momentum", lambda v=_bad: CSER(TwoRanks(), momentum=v)),
                    _case("DistEFSGDMState", "momentum", lambda v=_bad: DistEFSGDM(TwoRanks(), momentum=v))]

@@ -5,15 +5,19 @@ Per bucket b and rank i, residual e (fp32, zero at start):
 with the mask key (seed, step, bucket index, "c1"). Steps before ``warmup_steps`` are plain
 averages and leave e untouched. ``error_feedback=False``: Δ_i = C(g_i), no residual (plain
 compressed SGD). A bucket of fewer than ``min_compress_numel`` elements is always a plain average.
+``residual_dtype="bf16"``: e is rounded to bfloat16 after every update (p is formed in fp32).
 """
 from __future__ import annotations
+
+import torch
 
 from .common import World, average, run_bucketed
 from .masks import RefCompressor
 
 
 def simulate_ef(world: World, steps: int, layouts, compressor: str, seed: int = 0, warmup_steps: int = 1,
-                history: list | None = None, error_feedback: bool = True, min_compress_numel: int = 0):
+                history: list | None = None, error_feedback: bool = True, min_compress_numel: int = 0,
+                residual_dtype: str = "fp32"):
     comp = RefCompressor(compressor)
     residual: dict = {}
 
@@ -27,6 +31,8 @@ def simulate_ef(world: World, steps: int, layouts, compressor: str, seed: int = 
             d = comp(p, seed, step, b, "c1")
             if error_feedback:
                 e[i] = p - d
+                if residual_dtype == "bf16":
+                    e[i] = e[i].to(torch.bfloat16).to(torch.float32)
             deltas.append(d)
         avg = average(deltas)
         return [avg] * len(grads)

@@ -26,7 +26,8 @@ def simulate(cfg: dict, init: dict, grad_fn, world_size: int, steps: int, layout
     algo = cfg["algo"]
     if algo == "ef":
         return simulate_ef(world, steps, layouts, cfg["compressor"], error_feedback=cfg.get("error_feedback", True),
-                           min_compress_numel=cfg.get("min_compress_numel", 0), **common)
+                           min_compress_numel=cfg.get("min_compress_numel", 0),
+                           residual_dtype=cfg.get("residual_dtype", "fp32"), **common)
     if algo == "compskip":
         return simulate_compskip(world, steps, layouts, cfg["compressor"], send_every=cfg.get("send_every"),
                                  send_steps=cfg.get("send_steps"), **common)
