@@ -37,27 +37,24 @@ def integer_knob(who: str, name: str, value, minimum: int | None = None) -> int:
     return v
 
 
-def resolve_policy(on_nonfinite, check_finite, skip_capable: bool):
-    """``"auto"`` → ``"skip"`` where the configuration can skip (flags on every exchange, finite checks on),
-    else ``"raise"``; any other value unchanged (checked by :func:`check_common_knobs`)."""
+def resolve_policy(on_nonfinite, check_finite):
+    """``"auto"`` → ``"skip"`` when the finite checks are on (the flags decide the skip), else ``"raise"``;
+    any other value unchanged (checked by :func:`check_common_knobs`)."""
     if on_nonfinite == "auto":
-        return "skip" if skip_capable and check_finite is True else "raise"
+        return "skip" if check_finite is True else "raise"
     return on_nonfinite
 
 
-def check_common_knobs(who: str, check_finite, on_nonfinite, skip_capable: bool, optimizer, named_parameters):
+def check_common_knobs(who: str, check_finite, on_nonfinite, optimizer, named_parameters):
     """The base state's flags, policy (already resolved), optimizer and named_parameters; returns
     named_parameters as a list."""
     if check_finite not in (True, False):  # bool("no") is True
         raise ValueError(f"{who}: check_finite must be True or False, got {check_finite!r}")
     if on_nonfinite not in POLICIES:
         raise ValueError(f"{who}: on_nonfinite must be 'raise', 'skip' (fp16 autocast with a GradScaler) or "
-                         f"'auto' (skip where this configuration can), got {on_nonfinite!r}")
+                         f"'auto' (skip when check_finite=True), got {on_nonfinite!r}")
     if on_nonfinite == "skip" and not check_finite:
         raise ValueError(f"{who}: on_nonfinite='skip' needs check_finite=True (the flags decide the skip)")
-    if on_nonfinite == "skip" and not skip_capable:
-        raise ValueError(f"{who}: on_nonfinite='skip' is not supported by this configuration yet (its local "
-                         f"steps exchange no flag, so ranks could skip different steps); use 'raise' and bf16")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"{who}: optimizer must be a torch.optim.Optimizer (the one whose step() follows the "
                         f"backward) or None, got {type(optimizer).__name__}")

@@ -67,7 +67,7 @@ class CommHook(pl.Callback):
           ``warmup_steps``, ``progress_timeout``, ...), validated when the state is built, at fit
           start, on every rank alike. Not ``optimizer``: the callback passes Lightning's. With a
           GradScaler in the precision plugin (``precision="16-mixed"``) ``on_nonfinite`` defaults to
-          ``"auto"`` (skip the overflowing steps where the state can, README "Mixed precision").
+          ``"auto"`` (skip the overflowing steps, README "Mixed precision").
 
     ``callback.state`` is the state of the running (or last) fit: ``callback.state.stats()``.
 
@@ -137,9 +137,9 @@ class CommHook(pl.Callback):
                 knobs.setdefault("on_nonfinite", "auto")  # a GradScaler overflows while it calibrates
             self.state = cls(self.process_group, optimizer=optimizer, **knobs)
             if self.state.on_nonfinite == "raise" and knobs.get("on_nonfinite") == "auto":
-                warnings.warn(f"cser_hooks: CommHook: {type(self.state).__name__} with these knobs cannot skip a "
-                              f"GradScaler overflow (its local steps carry no flag): the first overflow raises. "
-                              f"Use precision='bf16-mixed', which needs no scaler.", RuntimeWarning, stacklevel=2)
+                warnings.warn("cser_hooks: CommHook: check_finite=False with a GradScaler: the state cannot tell "
+                              "an overflow, which then enters its residuals; keep check_finite=True (the default) "
+                              "or use precision='bf16-mixed', which needs no scaler.", RuntimeWarning, stacklevel=2)
         else:
             self.state = self.algorithm(optimizer)
             hook = _hook_for(self.state)

@@ -23,17 +23,23 @@ next iteration's first hook call, after the optimizer step (by then the copy is 
 or in the optimizer's step *pre*-hook, where a step about to run on a flagged gradient (no
 GradScaler skipped it) raises the clear error before the parameters change.
 
-``"auto"`` resolves, when the state is built, to ``"skip"`` where the configuration can skip (every
-exchange carries the flag, ``check_finite=True``) and to ``"raise"`` elsewhere (Qsparse, QPRSGD,
-CSER with ``c1="zero"``: their local steps exchange no flag). ``cser_hooks.lightning.CommHook``
-passes it when the trainer's precision plugin holds a GradScaler (``precision="16-mixed"``).
+Steps that share no gradient (local SGD: Qsparse, QPRSGD, CSER with ``c1="zero"``) share the flag
+only when a model synchronization follows (:func:`local_step_exchange`): an overflow there skips the
+step and its synchronization everywhere; on a purely local step it is one rank's own (its
+GradScaler skips its local update; the state is untouched and keeps the ranks' step counters aligned).
+
+``"auto"`` resolves, when the state is built, to ``"skip"`` with ``check_finite=True`` and to
+``"raise"`` without; ``cser_hooks.lightning.CommHook`` passes it when the trainer's precision plugin
+holds a GradScaler (``precision="16-mixed"``).
 """
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+
+from .exchange import Exchange, Kind, StepContext
 
 POLICIES = ("raise", "skip")
 
@@ -65,6 +71,15 @@ def poison(grad: torch.Tensor, flag: torch.Tensor) -> None:
     head.copy_(torch.where(flag.to(device=grad.device) > 0, torch.full_like(head, float("nan")), head))
 
 
+class Verdict(NamedTuple):
+    """A finished step's flags: ``flagged`` = flagged ranks summed over the keys whose exchange carried
+    the flag (the same on every rank: the step is skipped when non-zero); ``local`` = this rank's own
+    flags of keys that exchanged none (local-SGD steps: its GradScaler alone skips)."""
+    step: int
+    flagged: float
+    local: float = 0.0
+
+
 class StepGuard:
     """The ``"skip"`` policy's bookkeeping for one state (see the module docstring)."""
 
@@ -76,7 +91,7 @@ class StepGuard:
         self._fresh: dict = {}            # (key, name) created during this step -> the restored tensor or None
         self._dicts: dict[str, dict] = {}
         self._snapped: set = set()        # keys copied this step
-        self._sums: dict = {}             # device -> [2 sums], alternating by iteration parity
+        self._sums: dict = {}             # device -> 2 x [shared, local] sums, alternating by iteration parity
         self._pinned: dict = {}
         self._events: dict = {}
         self._iter = 0
@@ -115,16 +130,19 @@ class StepGuard:
         self._fresh[(key, name)] = restored
 
     # -- the step's verdict ------------------------------------------------------------------
-    def add(self, flag: torch.Tensor) -> None:
-        """A decoded key's summed flag (from a Future callback: device ops only)."""
+    def add(self, flag: torch.Tensor, local: bool = False) -> None:
+        """A decoded key's summed flag (from a Future callback: device ops only); ``local``: a flag only
+        this rank knows (a local-SGD step exchanges none), which decides no skip but makes an optimizer
+        step called on it raise (:attr:`Verdict.local`)."""
         with self._lock:
             pair = self._sums.get(flag.device)
             if pair is None:
-                pair = self._sums[flag.device] = [torch.zeros(1, device=flag.device) for _ in range(2)]
+                pair = self._sums[flag.device] = [torch.zeros(2, device=flag.device) for _ in range(2)]
                 if flag.device.type == "cuda":
-                    self._pinned[flag.device] = torch.zeros(1, pin_memory=True)
+                    self._pinned[flag.device] = torch.zeros(2, pin_memory=True)
                     self._events[flag.device] = torch.cuda.Event()
-            pair[self._iter % 2].add_(flag.reshape(1).to(torch.float32))
+            i = int(local)
+            pair[self._iter % 2][i:i + 1].add_(flag.reshape(1).to(torch.float32))
             self._done += 1
             self._maybe_copy()
 
@@ -148,23 +166,23 @@ class StepGuard:
                 self._pinned[d].copy_(pair[self._iter % 2], non_blocking=True)
                 self._events[d].record()
 
-    def verdict(self) -> tuple[int, float] | None:
-        """(step, flagged ranks summed over keys) of the last finished step, read once; None when
-        nothing is pending."""
+    def verdict(self) -> Verdict | None:
+        """The last finished step's :class:`Verdict`, read once; None when nothing is pending."""
         with self._lock:
             pending, self._pending = self._pending, None
         if pending is None:
             return None
         step, it = pending
-        total = 0.0
+        shared = local = 0.0
         for d, pair in self._sums.items():
             self.host_reads += 1
             if d.type == "cuda":
                 self._events[d].synchronize()
-                total += float(self._pinned[d])
+                a, b = self._pinned[d].tolist()
             else:
-                total += float(pair[it % 2])
-        return step, total
+                a, b = pair[it % 2].tolist()
+            shared, local = shared + a, local + b
+        return Verdict(step, shared, local)
 
     def restore(self, state) -> None:
         """Put back what the skipped step changed: per-key tensors, per-key dicts."""
@@ -183,3 +201,32 @@ class StepGuard:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for v in self.shadows.values() for t in v.values())
+
+
+def local_step_exchange(state, flag: torch.Tensor | None, ctx: StepContext, sync_follows: bool) -> Exchange:
+    """The exchange of a step that shares no gradient (local SGD, CSER-PL), for the non-finite check.
+
+    raise: a local check. skip: when a model synchronization follows this step's optimizer step, the
+    1-element flag is averaged over the ranks (:func:`local_step_verdict` reads it), so an overflow on
+    any rank skips the step and its synchronization on every rank, and the step runs again; on a
+    purely local step an overflow is this rank's alone: its GradScaler skips its own local update,
+    the state is untouched, and the ranks' step counters stay aligned (a ``local`` flag: an
+    optimizer step called on it still raises)."""
+    if flag is None:
+        return Exchange(Kind.NONE)
+    if state.guard is None:
+        state.check_flag(flag, ctx)
+        return Exchange(Kind.NONE)
+    if not sync_follows:
+        state.guard.expect()
+        state.guard.add(flag, local=True)
+        return Exchange(Kind.NONE)
+    return Exchange(Kind.ALLREDUCE, (flag,), flag)
+
+
+def local_step_verdict(state, grad: torch.Tensor, received, ctx: StepContext) -> torch.Tensor:
+    """Decode of :func:`local_step_exchange`: the summed flag of a synchronizing step (grad gets a NaN
+    on every rank when any rank overflowed)."""
+    if ctx.exchange.kind is Kind.ALLREDUCE:
+        state.check_flag(received.reshape(1) * state.comm.world_size, ctx, grad)
+    return grad

@@ -50,9 +50,9 @@ class AlgorithmState:
         self.comm = comm
         self.seed = integer_knob(type(self).__name__, "seed", seed)
         self.warmup_steps = integer_knob(type(self).__name__, "warmup_steps", warmup_steps, 0)
-        on_nonfinite = resolve_policy(on_nonfinite, check_finite, self.skip_capable())
-        named_parameters = check_common_knobs(type(self).__name__, check_finite, on_nonfinite, self.skip_capable(),
-                                              optimizer, named_parameters)
+        on_nonfinite = resolve_policy(on_nonfinite, check_finite)
+        named_parameters = check_common_knobs(type(self).__name__, check_finite, on_nonfinite, optimizer,
+                                              named_parameters)
         check_world_size_policy(type(self).__name__, on_world_size_change)
         self.min_compress_numel = integer_knob(type(self).__name__, "min_compress_numel", min_compress_numel, 0)
         if self.min_compress_numel and not self.dense_keys_allowed():
@@ -84,10 +84,6 @@ class AlgorithmState:
     # -- configuration ---------------------------------------------------------------------
     def dense_keys_allowed(self) -> bool:
         """Whether a key may be sent as a plain average instead (``min_compress_numel``)."""
-        return True
-
-    def skip_capable(self) -> bool:
-        """Whether every step's exchange carries the non-finite flag (needed by on_nonfinite='skip')."""
         return True
 
     def config(self) -> dict[str, Any]:
@@ -154,8 +150,8 @@ class AlgorithmState:
     def _pre_step(self) -> None:
         """skip: a step called on a flagged gradient (no GradScaler) raises before the parameters change."""
         v = self.guard.verdict()
-        if v is not None and v[1] != 0:
-            raise nonfinite_error(self.comm.rank, v[1], v[0], None, type(self).__name__, applied=True)
+        if v is not None and (v.flagged or v.local):
+            raise nonfinite_error(self.comm.rank, v.flagged or 1, v.step, None, type(self).__name__, applied=True)
 
     def _post_step(self) -> None:
         where = f"step {self.step - 1}, after optimizer.step() (model synchronization)"
@@ -253,9 +249,9 @@ class AlgorithmState:
     def settle(self) -> None:
         """Read the pending verdict of the skip policy and undo a flagged step (one host read)."""
         v = self.guard.verdict() if self.guard is not None else None
-        if v is not None and v[1] != 0:
+        if v is not None and v.flagged:
             self.guard.restore(self)
-            self.step = v[0]
+            self.step = v.step
 
     def before_key(self, key) -> None:
         """Before a key's model-side work and encode: the skip policy's snapshot of its tensors."""

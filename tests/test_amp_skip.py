@@ -6,7 +6,9 @@ so its gradients hold inf/NaN, as a too-large loss scale produces). Checked:
 
 * every algorithm's state after the skipped step equals its state before it, bitwise (per-key
   tensors, step counter = RNG position, per-key dicts), on both ranks; both GradScalers skipped
-  (their scale halved) and the model did not move;
+  (their scale halved) and the model did not move; for the local-SGD algorithms the step is one a
+  synchronization follows, and an overflow on a purely local step is one rank's own (only its
+  GradScaler skips, nothing of the state changes, the step counters stay aligned);
 * a CSER full reset due at the skipped step happens after the next optimizer step that runs
   (the replicas are bitwise equal right after it, and not before);
 * the non-finite check reads the device at most once per optimizer step, through the seam the
@@ -39,7 +41,13 @@ ALGOS = {
                                                 "period": 4, "momentum": 0.9, "nesterov": True}, 0.0),
     "compskip": ("CompSkipState", "compskip_hook", {"compressor": "top_k:ratio=1/8", "send_every": 2}, 0.9),
     "dist_ef_sgdm": ("DistEFSGDMState", "dist_ef_sgdm_hook", {"momentum": 0.9}, 0.0),
+    # local SGD: the flag is shared only on the steps a synchronization follows (7 is one for all three)
+    "qsparse": ("QsparseLocalSGDState", "qsparse_local_sgd_hook", {"compressor": "top_k:ratio=1/8 + qsgd:s=15",
+                                                                   "period": 4}, 0.9),
+    "qprsgd": ("QPRSGDState", "qprsgd_hook", {"period": 4}, 0.9),
+    "cser_pl": ("CSERState", "cser_hook", {"c1": "zero", "c2": "identity", "period": 4}, 0.9),
 }
+LOCAL_SGD = ("qsparse", "qprsgd", "cser_pl")
 BATCH, LR = 32, 0.05
 
 
@@ -126,7 +134,7 @@ def test_skipped_step_leaves_state_bitwise_unchanged(algo):
         assert (r["stats"]["uncompressed_keys"] == 1) == ("small_dense" in algo), r["stats"]["uncompressed_keys"]
         # the shadows are one copy of the per-key tensors (CSER with a shared-mask C1 stores none)
         assert r["stats"]["shadow_bytes"] == r["stats"]["state_bytes"]
-        assert (r["stats"]["state_bytes"] > 0) == (algo != "cser")
+        assert (r["stats"]["state_bytes"] > 0) == (algo not in ("cser", "cser_pl"))
         # at most one device read per optimizer step for the non-finite check
         assert max(r["reads"]) <= 1 and sum(r["reads"]) >= 12 - 2 - 1
 
@@ -141,13 +149,32 @@ def test_cser_reset_due_at_a_skipped_step_runs_at_the_next():
     assert res[0]["stats"]["step"] == 5 and res[0]["stats"]["skipped_steps"] == 1
 
 
-@pytest.mark.parametrize("algo", ["cser", "ef_top_k", "dist_ef_sgdm"])
+@pytest.mark.parametrize("algo", LOCAL_SGD)
+def test_local_step_overflow_is_one_ranks_own(algo):
+    # step 5 is a local step (no synchronization follows): rank 1's GradScaler alone skips its update;
+    # nothing of the state changes on either rank and the step counters stay aligned
+    res = run_ranks(_train, 2, algo, 12, {5}, watch=(5,), timeout=200)
+    w0, w1 = res[0]["watch"][5], res[1]["watch"][5]
+    assert w1["scale"][1] == w1["scale"][0] / 2 and not w1["moved"]
+    assert w0["scale"][1] == w0["scale"][0] and w0["moved"]
+    for w in (w0, w1):
+        assert w["after"]["step"] == w["before"]["step"] + 1
+        for k, tensors in w["before"]["buffers"].items():
+            for n, t in tensors.items():
+                assert torch.equal(w["after"]["buffers"][k][n], t), (algo, k, n)
+    assert res[0]["stats"]["step"] == res[1]["stats"]["step"] == 12
+    assert res[0]["stats"]["skipped_steps"] == res[1]["stats"]["skipped_steps"] == 0
+
+
+@pytest.mark.parametrize("algo", ["cser", "ef_top_k", "dist_ef_sgdm", "qsparse"])
 def test_trains_through_overflows(algo):
     clean = run_ranks(_train, 2, algo, 150, set(), timeout=300)
-    hit = run_ranks(_train, 2, algo, 150, {20, 60, 61, 110}, timeout=300)
+    hit = run_ranks(_train, 2, algo, 150, {20, 59, 60, 111}, timeout=300)
     assert clean[0]["acc"] > 0.85, clean[0]["acc"]
     assert hit[0]["acc"] > clean[0]["acc"] - 0.03, (hit[0]["acc"], clean[0]["acc"])
-    assert hit[0]["stats"]["skipped_steps"] == 4
+    # qsparse (H = 4): iterations 59 and 60 both run step 59, which a synchronization follows (skipped
+    # on both ranks); 20 and 111 (step 109) are local steps, rank 1's own
+    assert hit[0]["stats"]["skipped_steps"] == (2 if algo == "qsparse" else 4)
 
 
 def test_raise_policy_still_raises_on_every_rank():
@@ -165,25 +192,23 @@ def test_skip_without_a_scaler_raises_instead_of_training_on_nan():
     assert "[parameters unchanged: True]" in str(err.value)  # raised by the step pre-hook
 
 
-def test_auto_policy_skips_where_it_can_and_raises_elsewhere():
+def test_auto_policy_is_skip_with_finite_checks():
     from cser_hooks.algorithms.cser import CSER
     from cser_hooks.algorithms.ef import ErrorFeedback
     from cser_hooks.algorithms.qsparse import QsparseLocalSGD
     from cser_hooks.comm import Communicator
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(3))], lr=0.1)
-    assert ErrorFeedback(Communicator(), optimizer=opt, on_nonfinite="auto").guard is not None
-    assert ErrorFeedback(Communicator(), optimizer=opt, on_nonfinite="auto", check_finite=False).guard is None
-    assert CSER(Communicator(), c1="zero", optimizer=opt, on_nonfinite="auto").guard is None
-    q = QsparseLocalSGD(Communicator(), on_nonfinite="auto")
-    assert q.guard is None and q.on_nonfinite == "raise"
+    assert ErrorFeedback(Communicator(), optimizer=opt, on_nonfinite="auto").on_nonfinite == "skip"
+    e = ErrorFeedback(Communicator(), optimizer=opt, on_nonfinite="auto", check_finite=False)
+    assert e.guard is None and e.on_nonfinite == "raise"
+    assert CSER(Communicator(), c1="zero", optimizer=opt, on_nonfinite="auto").guard is not None
+    assert QsparseLocalSGD(Communicator(), optimizer=opt, on_nonfinite="auto").on_nonfinite == "skip"
 
 
-def test_skip_refused_where_local_steps_carry_no_flag():
+def test_unknown_policy_refused():
     from cser_hooks.algorithms.qsparse import QsparseLocalSGD
     from cser_hooks.comm import Communicator
 
-    with pytest.raises(ValueError, match="on_nonfinite='skip' is not supported"):
-        QsparseLocalSGD(Communicator(), on_nonfinite="skip")
     with pytest.raises(ValueError, match="on_nonfinite must be"):
         QsparseLocalSGD(Communicator(), on_nonfinite="ignore")

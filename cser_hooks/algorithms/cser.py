@@ -50,7 +50,7 @@ import torch
 from ..compressors import get_compressor
 from ..exchange import Exchange, Kind, StepContext, average_into, exchange_for
 from ..knobs import integer_knob, momentum_knobs
-from ..nonfinite import nonfinite_flag
+from ..nonfinite import local_step_exchange, local_step_verdict, nonfinite_flag
 from ..state import AlgorithmState
 from .dist_ef_sgdm import check_plain_sgd
 from .model_sync import write_params
@@ -133,9 +133,6 @@ class CSER(AlgorithmState):
     def dense_keys_allowed(self) -> bool:
         return not self.momentum  # M-CSER's momentum lives in the hook
 
-    def skip_capable(self) -> bool:
-        return not self.c1.sends_nothing  # CSER-PL's local steps exchange no flag
-
     # -- gradient part ---------------------------------------------------------------------
     def momentum_direction(self, grad, ctx: StepContext) -> None:
         """M-CSER: m ← β m + g ; grad ← v = g + β m (Nesterov) or m. m is fp32, grad may be fp16/bf16."""
@@ -158,10 +155,8 @@ class CSER(AlgorithmState):
         flag = nonfinite_flag(grad) if self.check_finite else None
         mk = self.mask_key(ctx, "c1")
         c1 = self.compressor_for(self.c1, ctx)
-        if c1.sends_nothing:
-            ex = Exchange(Kind.NONE, (), flag)
-            if flag is not None:
-                self.check_flag(flag, ctx)  # local only: nothing is shared, no other rank can hang
+        if c1.sends_nothing:  # CSER-PL: a local step; the flag is shared before a reset only (skip policy)
+            ex = local_step_exchange(self, flag, ctx, self.reset_due(ctx.step))
         elif c1.linear:
             ex = exchange_for(c1, c1.compress(grad, mk, ctx.segments), flag)
         else:
@@ -176,8 +171,8 @@ class CSER(AlgorithmState):
 
     def decode(self, grad, received, ctx):
         ex = ctx.exchange
-        if ex.kind is Kind.NONE:
-            return grad
+        if self.c1.sends_nothing:
+            return local_step_verdict(self, grad, received, ctx)
         t0 = time.perf_counter()
         mk = self.mask_key(ctx, "c1")
         c1 = self.compressor_for(self.c1, ctx)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ..exchange import Exchange, Kind, StepContext
-from ..nonfinite import nonfinite_flag
+from ..exchange import Exchange, StepContext
+from ..nonfinite import local_step_exchange, local_step_verdict, nonfinite_flag
 from ..state import AlgorithmState
 
 
@@ -46,9 +46,6 @@ class ModelSync(AlgorithmState):
 
     def dense_keys_allowed(self) -> bool:
         return False  # gradients stay local between syncs: a dense key would be synchronous SGD
-
-    def skip_capable(self) -> bool:
-        return False  # local steps exchange no flag: ranks' GradScalers could skip different steps
 
     def sync_due(self, s: int) -> bool:
         raise NotImplementedError
@@ -92,10 +89,8 @@ class ModelSync(AlgorithmState):
                 self._run_sync(key, s)
 
     def encode(self, grad, ctx: StepContext) -> Exchange:
-        if self.check_finite:
-            self.check_flag(nonfinite_flag(grad), ctx)  # local only: nothing is shared this step
-        return Exchange(Kind.NONE)
+        flag = nonfinite_flag(grad) if self.check_finite else None
+        return local_step_exchange(self, flag, ctx, self.sync_due(ctx.step))
 
     def decode(self, grad, received, ctx):
-        return grad
-
+        return local_step_verdict(self, grad, received, ctx)
