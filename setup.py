@@ -24,6 +24,7 @@ setup(
         "cser_hooks.compressors",
         "cser_hooks.algorithms",
         "cser_hooks.bench",
+        "cser_hooks.plan",
         "cser_hooks.kernels",
         "cser_hooks.horovod",
     ],

@@ -1,0 +1,200 @@
+"""Compression cost: kernel throughputs (GB/s of fp32 gradient processed) and how many passes each
+compressor makes over a bucket.
+
+Source of the throughputs, in this order:
+
+1. a kernel report given by the user (``--kernel-report PATH``: the markdown table that
+   ``scripts/bench_kernels.py`` writes, one row per operation and size);
+2. the project's committed report ``docs/bench-kernels/report.md`` when this package runs from a
+   checkout that has it;
+3. :data:`BUILTIN`: the same figures copied from that report (x86_64, 2 logical cores, torch 2.13
+   CPU, 2 threads; see the report's header), for installs without the docs.
+
+``--rate op=GB/s`` then overrides single operations (all sizes). A row is chosen per bucket: the
+report's size (1, 16, 64, 256 MiB) nearest to the bucket's fp32 size on a log scale.
+
+Cost of one pass of ``op`` over a bucket of n fp32 bytes: ``mult · n / (GB/s · 1e9) · slowdown``,
+where ``mult`` scales ops whose work follows the kept share (random_block gather/scatter measured
+at ratio 1/4, top-k scatter-add at 1/64) and ``slowdown`` accounts for fewer cores per worker than
+the benchmark had (e.g. 4 workers on its 2 cores: 4). Per-call overheads (kernel launch, Python) are
+not modelled: they matter for buckets well below 1 MiB only.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+REPORT = Path(__file__).resolve().parents[2] / "docs" / "bench-kernels" / "report.md"
+
+# planner op -> the row label of scripts/bench_kernels.py
+OPS = {
+    "copy": "copy (copy_ into preallocated)",
+    "fp16": "fp16 cast (baseline)",
+    "rand": "torch.rand uniforms (qsgd input)",
+    "sign_ef_4096": "sign compress+EF (blocks of 4096)",
+    "sign_ef_tensor": "sign compress+EF (blocks of 2^20)",
+    "sign_dec": "sign decompress (blocks of 2^20)",
+    "qsgd_ef": "qsgd compress+EF (s=15)",
+    "qsgd_dec": "qsgd decompress",
+    "rb_gather": "random_block gather+zero (1/4)",
+    "rb_scatter": "random_block scatter (1/4)",
+    "topk_select": "top-k select (1/64)",
+    "topk_scatter": "top-k scatter-add (1/64)",
+}
+RB_MEASURED_RATIO = 1 / 4      # the random_block rows' ratio
+TOPK_MEASURED_RATIO = 1 / 64   # the top-k scatter-add row's ratio
+
+# docs/bench-kernels/report.md (committed), GB/s at 1, 16, 64, 256 MiB
+_SIZES = (1.0, 16.0, 64.0, 256.0)
+_BUILTIN_GBPS = {
+    "copy": (21.90, 21.41, 7.72, 7.00),
+    "fp16": (22.07, 39.39, 9.55, 10.35),
+    "rand": (0.62, 0.56, 0.58, 0.56),
+    "sign_ef_4096": (3.05, 5.03, 4.69, 5.78),
+    "sign_ef_tensor": (3.12, 3.33, 3.28, 2.48),
+    "sign_dec": (10.58, 14.01, 11.89, 9.65),
+    "qsgd_ef": (2.18, 3.28, 3.23, 3.19),
+    "qsgd_dec": (1.54, 1.82, 2.26, 2.02),
+    "rb_gather": (14.46, 24.83, 11.63, 11.78),
+    "rb_scatter": (14.44, 28.25, 17.74, 15.96),
+    "topk_select": (0.71, 0.89, 0.99, 0.99),
+    "topk_scatter": (14.66, 39.19, 12.16, 15.55),
+}
+BUILTIN = {op: tuple(zip(_SIZES, v)) for op, v in _BUILTIN_GBPS.items()}
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Kernel throughputs: op -> ((MiB, GB/s), ...); ``source`` says where each figure came from."""
+
+    rates: Mapping[str, tuple[tuple[float, float], ...]] = field(default_factory=lambda: dict(BUILTIN))
+    source: str = "built-in copy of docs/bench-kernels/report.md"
+    slowdown: float = 1.0
+
+    def gbps(self, op: str, nbytes: float) -> float:
+        """The GB/s of ``op`` at the report size nearest to ``nbytes`` (log scale)."""
+        rows = self.rates[op]
+        mib = max(nbytes, 1.0) / 2 ** 20
+        return min(rows, key=lambda r: abs(math.log(r[0] / mib)))[1]
+
+    def seconds(self, op: str, nbytes: float, mult: float = 1.0) -> float:
+        """``mult`` passes of ``op`` over ``nbytes`` of fp32 gradient: mult · n / (GB/s · 1e9) · slowdown."""
+        if mult == 0 or nbytes == 0:
+            return 0.0
+        return mult * nbytes / (self.gbps(op, nbytes) * 1e9) * self.slowdown
+
+    def with_overrides(self, overrides: Mapping[str, float]) -> Costs:
+        """Override ops with one GB/s figure at every size (``--rate op=GB/s``)."""
+        if not overrides:
+            return self
+        unknown = sorted(set(overrides) - set(OPS))
+        if unknown:
+            raise ValueError(f"unknown kernel op(s) {', '.join(unknown)}; known: {', '.join(OPS)}")
+        rates = dict(self.rates)
+        for op, v in overrides.items():
+            if not v > 0:
+                raise ValueError(f"rate of {op} must be > 0 GB/s, got {v}")
+            rates[op] = ((1.0, float(v)),)
+        src = self.source + "; overridden: " + ", ".join(f"{k}={v:g} GB/s" for k, v in overrides.items())
+        return replace(self, rates=rates, source=src)
+
+
+def parse_report(text: str) -> dict[str, tuple[tuple[float, float], ...]]:
+    """op -> ((MiB, GB/s), ...) from the markdown table of scripts/bench_kernels.py."""
+    by_label = {label: op for op, label in OPS.items()}
+    found: dict[str, list[tuple[float, float]]] = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 4 or cells[0] not in by_label:
+            continue
+        try:
+            mb, gbps = float(cells[1]), float(cells[3])
+        except ValueError:
+            continue
+        found.setdefault(by_label[cells[0]], []).append((mb, gbps))
+    return {op: tuple(sorted(v)) for op, v in found.items()}
+
+
+def load(path: str | Path | None = None, slowdown: float = 1.0) -> Costs:
+    """Costs from ``path``, else the committed report, else :data:`BUILTIN` (ops a report lacks stay
+    built-in; ``source`` says which)."""
+    candidates = [Path(path)] if path is not None else [REPORT]
+    for p in candidates:
+        if p.is_file():
+            parsed = parse_report(p.read_text(encoding="utf-8"))
+            if not parsed and path is not None:
+                raise ValueError(f"{p}: no kernel rows of scripts/bench_kernels.py found")
+            if parsed:
+                missing = sorted(set(OPS) - set(parsed))
+                src = f"{p} ({len(parsed)} ops" + (f"; built-in for {', '.join(missing)})" if missing else ")")
+                return Costs({**BUILTIN, **parsed}, src, slowdown)
+        elif path is not None:
+            raise FileNotFoundError(f"kernel report {p} not found")
+    return Costs(dict(BUILTIN), "built-in copy of docs/bench-kernels/report.md", slowdown)
+
+
+# -- passes of each compressor over a bucket: ((op, mult), ...), mult in units of the bucket's fp32 bytes --
+
+def kept_share(comp, n: int) -> float:
+    """The share of a bucket of n elements that the compressor keeps (1 for dense ones)."""
+    name = type(comp).__name__
+    if name == "TopK":
+        return comp.k(n) / n
+    if name == "RandomBlock":
+        return min(1.0, comp.num_blocks(n) * comp.block / n)
+    if name == "Compose":
+        return kept_share(comp.sparsifier, n)
+    return 1.0
+
+
+def encode_passes(comp, n: int) -> tuple[tuple[str, float], ...]:
+    """Passes to compress (with error feedback where the compressor fuses it) a bucket of n elements."""
+    name = type(comp).__name__
+    if name in ("Identity", "Zero"):
+        return ()
+    if name == "Cast":
+        return (("fp16", 1.0),)
+    if name == "RandomBlock":
+        return (("rb_gather", kept_share(comp, n) / RB_MEASURED_RATIO),)
+    if name == "TopK":
+        return (("topk_select", 1.0),)
+    if name == "SignBlockwise":
+        return (("sign_ef_4096" if comp.block and comp.block <= 4096 else "sign_ef_tensor", 1.0),)
+    if name == "QSGD":
+        return (("qsgd_ef", 1.0), ("rand", 1.0))
+    if name == "Compose":
+        k = kept_share(comp, n)
+        return encode_passes(comp.sparsifier, n) + tuple((op, m * k) for op, m in encode_passes(comp.quantizer, n))
+    raise ValueError(f"no cost model for compressor {comp.spec()!r}")
+
+
+def decode_passes(comp, n: int) -> tuple[tuple[str, float], ...]:
+    """Passes to decompress one payload into (or add it to) a bucket of n elements."""
+    name = type(comp).__name__
+    if name in ("Identity", "Zero"):
+        return ()
+    if name == "Cast":
+        return (("fp16", 1.0),)
+    if name == "RandomBlock":
+        return (("rb_scatter", kept_share(comp, n) / RB_MEASURED_RATIO),)
+    if name == "TopK":
+        return (("topk_scatter", kept_share(comp, n) / TOPK_MEASURED_RATIO),)
+    if name == "SignBlockwise":
+        return (("sign_dec", 1.0),)
+    if name == "QSGD":
+        return (("qsgd_dec", 1.0),)
+    if name == "Compose":
+        k = kept_share(comp, n)
+        return decode_passes(comp.sparsifier, n) + tuple((op, m * k) for op, m in decode_passes(comp.quantizer, n))
+    raise ValueError(f"no cost model for compressor {comp.spec()!r}")
+
+
+def copies(m: float) -> tuple[tuple[str, float], ...]:
+    """``m`` elementwise passes (adds, norms, copies, the non-finite check) at copy_ speed."""
+    return (("copy", float(m)),) if m else ()
+
+
+def scaled(passes, factor: float) -> tuple[tuple[str, float], ...]:
+    return tuple((op, m * factor) for op, m in passes)
