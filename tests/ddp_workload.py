@@ -91,7 +91,8 @@ def make_state(cfg: dict, optimizer):
     if algo == "cser":
         opt = optimizer if cfg.get("give_optimizer", True) else None
         state = D.CSERState(c1=cfg["c1"], c2=cfg["c2"], period=cfg["period"], optimizer=opt,
-                            momentum=cfg.get("state_momentum", 0.0), nesterov=cfg.get("nesterov", False), **common)
+                            momentum=cfg.get("state_momentum", 0.0), nesterov=cfg.get("nesterov", False),
+                            reset_schedule=cfg.get("reset_schedule", "burst"), **common)
         return state, D.cser_hook
     if algo == "compskip":
         if cfg.get("send_steps") is not None:
@@ -192,6 +193,10 @@ CONFIGS = [
     _cser("cser_full_mom_noopt", "identity", 0.9, give_optimizer=False),
     _cser("cser_part_sgd_noopt", RB4, 0.0, give_optimizer=False),
     _cser("cser_part_mom_warmup3", RB4, 0.9, warmup_steps=3),
+    # the reset spread over the period (one H-th of each bucket after every step)
+    _cser("cser_full_sgd_spread", "identity", 0.0, reset_schedule="spread"),
+    _cser("cser_part_mom_spread_buckets", RB4, 0.9, reset_schedule="spread", bucket_cap_mb=TINY_BUCKETS),
+    _cser("cser_full_sgd_noopt_spread", "identity", 0.0, give_optimizer=False, reset_schedule="spread"),
     # M-CSER (the paper's momentum variant) and CSER with a non-linear C1 (each rank's own top-k)
     _mcser("mcser_part", RB4, False),
     _mcser("mcser_full", "identity", False),

@@ -82,7 +82,8 @@ def test_plain_compressed_sgd_keeps_no_residual(world):
 
 
 PAPER_COMPARABLE = [c["name"] for c in W.CONFIGS if c["algo"] == "cser" and c["momentum"] == 0.0
-                    and not c.get("state_momentum") and c.get("give_optimizer", True)]
+                    and not c.get("state_momentum") and c.get("give_optimizer", True)
+                    and c.get("reset_schedule", "burst") == "burst"]
 MCSER = [c["name"] for c in W.CONFIGS if c["algo"] == "cser" and c.get("state_momentum")]
 
 
@@ -129,6 +130,8 @@ WRONG = [
     ("cser_full_mom", dict(period=5)),
     ("cser_part_mom", dict(c2="random_block:ratio=1/4,block=16")),
     ("cser_full_sgd_noopt", dict(give_optimizer=True)),
+    ("cser_full_sgd_spread", dict(reset_schedule="burst")),
+    ("cser_part_mom_spread_buckets", dict(period=5)),
     ("cser_topk_part_sgd", dict(c1="top_k:ratio=1/8")),
     ("compskip_rb_mom", dict(send_every=3)),
     ("compskip_steps_mom", dict(momentum=0.0)),

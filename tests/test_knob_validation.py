@@ -134,6 +134,7 @@ KNOB_CASES += [
     _case("CSERState", "c2", lambda: CSER(TwoRanks(), c2="random_k:ratio=1/4,blok=2")),
     _case("CSERState", "period", lambda: CSER(TwoRanks(), period=2.5)),
     _case("CSERState", "period", lambda: CSER(TwoRanks(), period=0)),
+    _case("CSERState", "reset_schedule", lambda: CSER(TwoRanks(), reset_schedule="staggered")),
     _case("CSERState", "nesterov", lambda: CSER(TwoRanks(), nesterov=True)),
     _case("CompSkipState", "compressor", lambda: CompSkip(TwoRanks(), "random_blok:ratio=1/4")),
     _case("CompSkipState", "send_every", lambda: CompSkip(TwoRanks(), send_every=0)),

@@ -55,6 +55,8 @@ from ..state import AlgorithmState
 from .dist_ef_sgdm import check_plain_sgd
 from .model_sync import write_params
 
+RESET_SCHEDULES = ("burst", "spread")
+
 
 def check_mcser_optimizer(optimizer, momentum: float) -> None:
     """M-CSER applies the momentum in the hook (before C1): the user's optimizer must have none."""
@@ -90,6 +92,11 @@ class CSER(AlgorithmState):
           in the state, before C1; the user's optimizer must be plain SGD, momentum=0). The default
           0 leaves momentum (or Adam) to the user's optimizer, applied to the partially synchronized
           gradient ĝ_i: a practical variant, exact to the paper's CSER only for plain SGD.
+      reset_schedule: ``"burst"`` (the paper: every key's C2 blocks averaged after each H-th step) or
+          ``"spread"``: the same reset spread over the period, one H-th of each key per step (chunk
+          c = (s + 1) mod H of the flattened parameters, [⌊c·n/H⌋, ⌊(c+1)·n/H⌋), C2 applied to the
+          chunk as one tensor), so each element is still reset every H steps, at its own phase, and
+          every step carries 1/H of the reset's bytes instead of one step all of them (no spike).
       optimizer: pass it so the reset runs right after optimizer.step() (recommended).
       warmup_steps: dense allreduce steps first (>= 1: DDP rebuilds buckets after step 0); their
           averaged gradients go to the user's optimizer and leave the M-CSER momentum untouched.
@@ -97,11 +104,11 @@ class CSER(AlgorithmState):
 
     algorithm = "cser"
     # params: key -> (tensors, StepContext)
-    __slots__ = ("c1", "c2", "period", "momentum", "nesterov", "params", "_reset_done")
+    __slots__ = ("c1", "c2", "period", "momentum", "nesterov", "params", "_reset_done", "reset_schedule")
     persisted = (("_reset_done", "reset_done"),)
 
     def __init__(self, comm, c1="random_block:ratio=1/64", c2="identity", period: int = 16, *,
-                 momentum: float = 0.0, nesterov: bool = False, **kw):
+                 momentum: float = 0.0, nesterov: bool = False, reset_schedule: str = "burst", **kw):
         self.c1 = _compressor("c1", c1)
         self.c2 = _compressor("c2", c2)
         for name, c in (("c1", self.c1), ("c2", self.c2)):
@@ -115,12 +122,18 @@ class CSER(AlgorithmState):
             "CSER", momentum, nesterov, "M-CSER's momentum; for the optimizer's own Nesterov momentum pass it to "
             "the optimizer and keep the state's momentum=0", label="momentum (M-CSER's β)")
         self.period = integer_knob("CSER", "period (H)", period, 1)
+        if reset_schedule not in RESET_SCHEDULES:
+            raise ValueError(f"CSER: reset_schedule must be one of {RESET_SCHEDULES} (all of a reset after every "
+                             f"H-th step, or one H-th of it after every step), got {reset_schedule!r}")
+        self.reset_schedule = reset_schedule
         self.params: dict[object, tuple] = {}
         self._reset_done: dict[object, int] = {}
         super().__init__(comm, **kw)
 
     def config(self):
         cfg = {**super().config(), "c1": self.c1.spec(), "c2": self.c2.spec(), "period": self.period}
+        if self.reset_schedule != "burst":
+            cfg["reset_schedule"] = self.reset_schedule
         if self.momentum:  # only in M-CSER mode: checkpoints of the default mode keep loading
             cfg.update(momentum=self.momentum, nesterov=self.nesterov)
         return cfg
@@ -193,7 +206,15 @@ class CSER(AlgorithmState):
 
     # -- reset (model part) --------------------------------------------------------------------
     def reset_due(self, s: int) -> bool:
-        return s >= self.warmup_steps and (s + 1) % self.period == 0
+        return s >= self.warmup_steps and (self.reset_schedule == "spread" or (s + 1) % self.period == 0)
+
+    def reset_target(self, flat: torch.Tensor, pctx: StepContext, s: int):
+        """What the reset of step ``s`` averages in ``flat``: all of it (burst), or chunk (s + 1) mod H
+        (spread); with the C2 compressor and segments that apply to it."""
+        if self.reset_schedule == "burst":
+            return flat, self.compressor_for(self.c2, pctx), pctx.segments
+        n, h, c = flat.numel(), self.period, (s + 1) % self.period
+        return flat[c * n // h:(c + 1) * n // h], self.c2, None
 
     def reset(self, key, s: int) -> None:
         """Average the C2-selected blocks of this key's flattened parameters over ranks (in place)."""
@@ -211,11 +232,11 @@ class CSER(AlgorithmState):
             for key in keys:
                 self._reset_done[key] = s
                 params, pctx = self.params[key]
-                c2 = self.compressor_for(self.c2, pctx)
                 flat = torch.cat([p.detach().reshape(-1) for p in params])
+                target, c2, segments = self.reset_target(flat, pctx, s)
                 mk = self.mask_key(pctx, "c2", step=s)
-                values = c2.compress(flat, mk, pctx.segments)[0]  # identity: flat itself
-                parts.append((params, pctx, c2, flat, mk, values))
+                values = c2.compress(target, mk, segments)[0]  # identity: target itself
+                parts.append((params, (target, segments), c2, flat, mk, values))
             for dtype in sorted({v.dtype for *_, v in parts}, key=str):
                 group = [v for *_, v in parts if v.dtype == dtype]
                 joined = torch.cat(group) if len(group) > 1 else group[0]
@@ -225,9 +246,9 @@ class CSER(AlgorithmState):
                     for v in group:
                         v.copy_(joined[o:o + v.numel()])
                         o += v.numel()
-            for params, pctx, c2, flat, mk, values in parts:
-                if values is not flat:
-                    c2.overwrite(values, flat, mk, pctx.segments)
+            for params, (target, segments), c2, flat, mk, values in parts:
+                if values is not target:
+                    c2.overwrite(values, target, mk, segments)  # target is flat or a view of it
                 write_params(params, flat)
 
     def after_optimizer_step(self) -> None:

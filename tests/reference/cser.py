@@ -23,6 +23,8 @@ parameters over ranks (C2 = identity: all of them), right after the optimizer st
 gradient of step s+1 was computed on the un-reset model (``shifted=True``). The optimizer's
 momentum buffers stay local. With ``momentum`` > 0 the hook form runs M-CSER: every rank keeps a
 momentum buffer per bucket and g_i above is replaced by v_i (the optimizer is then plain SGD).
+``reset_schedule="spread"``: a reset after *every* step s >= warmup_steps, of chunk c = (s + 1) mod H of
+each flat bucket only, [c·n // H, (c + 1)·n // H), with the C2 mask drawn over the chunk's elements.
 """
 from __future__ import annotations
 
@@ -106,7 +108,7 @@ def simulate_mcser_paper(world: World, steps: int, layouts, c1: str, c2: str, pe
 
 def simulate_cser_hookform(world: World, steps: int, layouts, c1: str, c2: str, period: int, seed: int = 0,
                            warmup_steps: int = 1, shifted: bool = False, momentum: float = 0.0,
-                           nesterov: bool = False, history: list | None = None):
+                           nesterov: bool = False, history: list | None = None, reset_schedule: str = "burst"):
     comp1, comp2 = RefCompressor(c1), RefCompressor(c2)
     bufs: dict = {}  # M-CSER: bucket -> per-rank momentum of the flat bucket
 
@@ -126,20 +128,31 @@ def simulate_cser_hookform(world: World, steps: int, layouts, c1: str, c2: str, 
         cbar = average(c)
         return [vi - ci + cbar for vi, ci in zip(v, c)]
 
+    spread = reset_schedule == "spread"
+
     def reset(step, layout):
         for b in range(len(layout)):
             x = [layout.flat(world.x[i], b) for i in range(world.W)]
-            mask = comp2.mask(x[0], seed, step, b, "c2")
-            avg = average(x)
+            n = x[0].numel()
+            # spread: chunk c = (step + 1) mod H of the flat bucket, C2 drawn over the chunk alone
+            lo, hi = ((step + 1) % period * n // period, ((step + 1) % period + 1) * n // period) if spread else (0, n)
+            chunk = [xi[lo:hi] for xi in x]
+            mask = comp2.mask(chunk[0], seed, step, b, "c2")
+            avg = average(chunk)
             for i in range(world.W):
-                world.x[i].update(layout.split(avg.where(mask, x[i]), b))
+                new = x[i].clone()
+                new[lo:hi] = avg.where(mask, chunk[i])
+                world.x[i].update(layout.split(new, b))
+
+    def due(step):
+        return step >= warmup_steps if spread else _is_reset_step(step, period, warmup_steps)
 
     def after_step(step, layout):
-        if _is_reset_step(step, period, warmup_steps):
+        if due(step):
             reset(step, layout)
 
     def before_step(step, layout):
-        if step >= 1 and _is_reset_step(step - 1, period, warmup_steps):
+        if step >= 1 and due(step - 1):
             reset(step - 1, layout)
 
     return run_bucketed(world, steps, layouts, warmup_steps, transform,

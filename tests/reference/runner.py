@@ -38,7 +38,8 @@ def simulate(cfg: dict, init: dict, grad_fn, world_size: int, steps: int, layout
             return simulate_mcser_paper(*args, **mom, **common)
         if form == "paper":
             return simulate_cser_paper(*args, **common)
-        return simulate_cser_hookform(*args, shifted=not cfg.get("give_optimizer", True), **mom, **common)
+        return simulate_cser_hookform(*args, shifted=not cfg.get("give_optimizer", True),
+                                      reset_schedule=cfg.get("reset_schedule", "burst"), **mom, **common)
     if algo in ("none", "torch_allreduce"):  # plain averaging at every step
         return simulate_ef(world, steps, layouts, "identity", **{**common, "warmup_steps": steps})
     raise ValueError(f"unknown algo {algo!r}")
