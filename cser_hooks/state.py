@@ -24,6 +24,7 @@ from .compressors import MaskKey
 from .compressors.per_tensor import PerTensor
 from .counters import StepCounters
 from .exchange import Exchange, StepContext
+from .gain import GainReport
 from .knobs import check_checkpoint, check_common_knobs, check_world_size_policy, integer_knob, resolve_policy
 from .nonfinite import StepGuard, nonfinite_error, poison
 
@@ -42,11 +43,11 @@ class AlgorithmState:
     __slots__ = ("comm", "seed", "warmup_steps", "check_finite", "step", "buffers", "optimizer",
                  "_agreed", "_loaded", "_pending_flag", "counters",
                  "_hook_handle", "param_names", "_per_tensor", "seg_cache", "_lr_of", "buckets", "on_nonfinite",
-                 "guard", "_iteration", "on_world_size_change", "min_compress_numel", "__weakref__")
+                 "guard", "_iteration", "on_world_size_change", "min_compress_numel", "gain", "__weakref__")
 
     def __init__(self, comm: Communicator, *, seed: int = 0, warmup_steps: int = 1, optimizer=None,
                  check_finite: bool = True, named_parameters=None, on_nonfinite: str = "raise",
-                 on_world_size_change: str = "raise", min_compress_numel: int = 0):
+                 on_world_size_change: str = "raise", min_compress_numel: int = 0, log_gain=None):
         self.comm = comm
         self.seed = integer_knob(type(self).__name__, "seed", seed)
         self.warmup_steps = integer_knob(type(self).__name__, "warmup_steps", warmup_steps, 0)
@@ -60,6 +61,7 @@ class AlgorithmState:
                              f"(EF, CSER without momentum, CompSkip): here a key sent dense would skip the "
                              f"algorithm's own step (momentum in the hook, local steps). Use 0.")
         self.on_world_size_change = on_world_size_change
+        self.gain = None if log_gain is None else GainReport(type(self).__name__, log_gain, getattr(self, "period", 0))
         self.check_finite = bool(check_finite)
         self.on_nonfinite = on_nonfinite
         self.guard = StepGuard() if on_nonfinite == "skip" else None
@@ -285,6 +287,8 @@ class AlgorithmState:
             self.guard.launched(self.step)
         self.counters.close_step(self.comm)
         self.step += 1
+        if self.gain is not None:
+            self.gain.observe(self)
 
     def stats(self) -> dict[str, Any]:
         """Counters since construction: bytes handed to collectives by this rank, the number of

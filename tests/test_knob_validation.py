@@ -100,6 +100,7 @@ KNOB_CASES: list = [
     _case("all states", "on_nonfinite", lambda: ErrorFeedback(TwoRanks(), on_nonfinite="ignore")),
     _case("all states", "on_world_size_change", lambda: ErrorFeedback(TwoRanks(), on_world_size_change="keep")),
     _case("all states", "min_compress_numel", lambda: ErrorFeedback(TwoRanks(), min_compress_numel=-1)),
+    _case("all states", "log_gain", lambda: ErrorFeedback(TwoRanks(), log_gain={"link": "1gbit"})),
     _case("all states", "optimizer", lambda: ErrorFeedback(TwoRanks(), optimizer="sgd"), (TypeError, ValueError)),
     _case("all states", "named_parameters", lambda: ErrorFeedback(TwoRanks(), named_parameters=[torch.zeros(2)]),
           (TypeError, ValueError)),
