@@ -9,6 +9,8 @@ One spawn runs every job (start-up dominates on 2 cores); the tests check its re
     in fp32 and with MixedPrecisionPolicy(reduce_dtype=torch.bfloat16);
   * stats(): the replicate-dimension bytes are exactly the payloads of the masks, below dense; the
     shard-dimension reduce-scatter is reported apart;
+  * a run resumed mid-period from a per-rank checkpoint (local shards, optimizer, driver) ends bitwise
+    where the uninterrupted one does (EF top-k, CSER partial reset);
   * the unsupported set-ups fail with their clear errors.
 """
 from __future__ import annotations
@@ -32,6 +34,7 @@ CONFIGS = {
     "cser_full": dict(algorithm="cser", c1=RB, c2="identity", period=5),
 }
 SNAPSHOT = 27  # mid-period of cser_full (resets after steps 4, 9, ..., 29)
+RESUMED, RESUME_AT = ("ef_topk", "cser_partial"), 13  # mid-period of cser_partial (resets after 3, 7, 11, 15, ...)
 
 
 def build():
@@ -74,6 +77,45 @@ def _train(rank, model, steps, driver_factory=None, snapshot=None):
     return _full(model), snap, (driver.stats() if driver else None)
 
 
+def _resume(rank, mesh, name):
+    """CONFIGS[name] for RESUME_AT steps, a checkpoint of this rank (the local parameter shards, the
+    optimizer and the driver through torch.save), a new model / optimizer / driver loaded from it, and
+    the remaining steps: must end bitwise where the uninterrupted run does."""
+    import io
+
+    from cser_hooks import fsdp
+
+    cfg = dict(CONFIGS[name])
+    alg = cfg.pop("algorithm")
+
+    def fresh():
+        model = _shard(build(), mesh["shard"])
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        return model, opt, fsdp.register(model, mesh, alg, optimizer=opt, **cfg)
+
+    def train(model, opt, steps):
+        for step in steps:
+            loss_fn(model, data(step, rank)).backward()
+            opt.step()
+            opt.zero_grad()
+
+    model, opt, driver = fresh()
+    train(model, opt, range(RESUME_AT))
+    buf = io.BytesIO()
+    torch.save({"model": {n: p.to_local().detach().clone() for n, p in model.named_parameters()},
+                "optimizer": opt.state_dict(), "driver": driver.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=False)
+    model, opt, driver = fresh()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.to_local().copy_(saved["model"][n])
+    opt.load_state_dict(saved["optimizer"])
+    driver.load_state_dict(saved["driver"])
+    train(model, opt, range(RESUME_AT, STEPS))
+    return _full(model), driver.step
+
+
 def _full(model):
     return {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
 
@@ -104,6 +146,8 @@ def _job(rank, world):
         out[f"native_{tag}"] = _train(rank, _shard(build(), mesh, **mp), 10)
         out[f"ours_{tag}"] = _train(rank, _shard(build(), mesh["shard"], **mp), 10,
                                     lambda m, opt: fsdp.register(m, mesh, "ef", compressor="identity", optimizer=opt))
+    for name in RESUMED:
+        out[f"resume_{name}"] = _resume(rank, mesh, name)
     errors = {
         "1d_mesh": _error(lambda: fsdp.register(_shard(build(), mesh["shard"]), mesh["shard"], "ef")),
         "native_hsdp": _error(lambda: fsdp.register(_shard(build(), mesh), mesh, "ef")),
@@ -156,6 +200,15 @@ def test_wrong_reference_is_detected(results, name):
     """Masks drawn per group without the shard coordinate (another key): the comparison must fail."""
     wrong, _ = _reference(name, key_fn=lambda fqn, s, shards: fqn or "<root>")
     assert _max_diff(results[0][name][0], wrong[0]) > 1e-4
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("name", RESUMED)
+def test_resume_from_a_checkpoint_is_bitwise(results, name):
+    for rank, res in enumerate(results):
+        resumed, step = res[f"resume_{name}"]
+        assert step == STEPS
+        assert all(torch.equal(resumed[n], res[name][0][n]) for n in resumed), f"{name}: rank {rank} differs"
 
 
 @pytest.mark.timeout(400)
