@@ -60,3 +60,12 @@ def test_reset_policy_warns_drops_and_continues(checkpoint):
             assert r["state_bytes"] > 0
         assert r["loss"] == r["loss"] and r["loss"] < 10 * saved[0]["loss"] + 1, r
         assert r["replica_spread"] == 0.0, r
+
+
+def test_readme_has_the_block_the_job_runs():
+    import textwrap
+
+    text = JOB.read_text()
+    begin, end = "# README (torchrun) begins\n", "# README (torchrun) ends"
+    block = textwrap.dedent(text[text.index(begin) + len(begin):text.index(end)]).rstrip()
+    assert "load_state_dict" in block and block in (JOB.parents[2] / "README.md").read_text()

@@ -51,6 +51,15 @@ def train(model, opt, rank: int, first: int) -> float:
     return float(loss)
 
 
+def readme_resume(state, out: Path, rank: int) -> None:
+    """The README's torchrun block, verbatim (tests/test_elastic_resume.py checks that README.md has it)."""
+    # README (torchrun) begins
+    # each rank loads its own file; a rank the saving job did not have loads rank 0's
+    mine = out / f"state_rank{rank}.pt"
+    state.load_state_dict(torch.load(mine if mine.exists() else out / "state_rank0.pt", weights_only=False))
+    # README (torchrun) ends
+
+
 def main(phase: str, folder: str, algo: str, policy: str = "raise") -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -73,12 +82,10 @@ def main(phase: str, folder: str, algo: str, policy: str = "raise") -> None:
         net.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
         state, hook = build(algo, model, opt, policy)
-        mine = out / f"state_rank{rank}.pt"
-        sd = torch.load(mine if mine.exists() else out / "state_rank0.pt", weights_only=False)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                state.load_state_dict(sd)
+                readme_resume(state, out, rank)
             except ValueError as e:
                 result["error"] = str(e)
         result["warnings"] = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
