@@ -16,33 +16,22 @@ module replaces by EF (docs/algorithms.md §2) or CSER (§3)::
     ...
     print(hsdp.stats())
 
-Why ``mesh["shard"]`` and not the 2-D mesh (torch 2.13, ``_fsdp_collectives.foreach_reduce``): with a
-2-D mesh FSDP2 runs its own replicate all-reduce and calls ``set_all_reduce_hook``'s hook *after* it
-(the hook sees the already averaged shard), and ``set_requires_all_reduce(False)`` returns before the
-hook, leaving the sharded gradients unset until a later all-reducing backward. On a 1-D shard mesh the
-hook receives the reduce-scattered shard itself, on the all-reduce stream, before FSDP2 views it into
-the parameters' ``.grad``: the place for our replicate-dimension collective. :func:`register` refuses
-a model sharded over the 2-D mesh with that explanation.
+Why ``mesh["shard"]`` (torch 2.13, ``_fsdp_collectives.foreach_reduce``): sharded over the 2-D mesh,
+FSDP2 runs its own replicate all-reduce *before* ``set_all_reduce_hook``'s hook, and
+``set_requires_all_reduce(False)`` skips the hook; on the 1-D shard mesh the hook receives the
+reduce-scattered shard itself, before FSDP2 views it into ``.grad``. :func:`register` refuses the former.
 
-The adapter (docs/architecture.md "... a front end"; :class:`FSDPDriver` holds the algorithm state like
-``horovod/driver.py``): each FSDP module is one parameter group, one key. The hook gets the group's flat
-shard, the concatenation of each parameter's dim-0 chunk, padded to ``ceil(dim0/S)`` rows. The
-algorithm sees the *unpadded* concatenation (a copy only on ranks whose chunk is padded), the
-parameter offsets as ``segments`` and, for the model-side work (CSER's reset), the local shards
-``DTensor.to_local()`` of the group's parameters in the same order: exactly the (key, flat tensor,
-segments, params) the DDP adapter hands over. Collectives go through a
-:class:`~cser_hooks.comm.TorchDistCommunicator` over the replicate dimension's group only, so each
-shard position runs the algorithm among its R replicas (the shard ranks of one node never talk to
-each other here), and every byte in ``stats()`` is replicate-dimension traffic.
-
-Keys are ``f"{module_fqn or '<root>'}#{s}/{S}"`` (s = this rank's shard coordinate): stable across
-re-wrapping and equal on the replicas that exchange them. Masks are a function of (seed, step, key,
-salt) and the shard's numel (docs/algorithms.md §1), so each (group, shard) draws its own.
-
-Steps close (``finish_step``) when every registered group has reduced, or at the latest in the
-optimizer's step post-hook (a group without gradients this step), which then runs the algorithm's
-``after_optimizer_step`` (CSER's reset, §3 "When the reset runs"). Without ``optimizer=`` the reset
-runs one step later, from the next hook (as on DDP).
+The adapter (:class:`FSDPDriver` holds the algorithm state, like ``horovod/driver.py``): each FSDP
+module is one key. Its hook gets the group's flat shard (each parameter's dim-0 chunk, padded to
+``ceil(dim0/S)`` rows); the algorithm sees the unpadded concatenation (a copy only where padded), the
+parameter offsets as ``segments`` and the local shards ``DTensor.to_local()`` for the model-side work
+(CSER's reset): the (key, flat, segments, params) of the DDP adapter. Collectives run over the replicate
+group only, so each shard position runs the algorithm among its R replicas and every byte in
+``stats()`` is replicate-dimension traffic. Keys ``f"{module_fqn or '<root>'}#{s}/{S}"`` (s: this rank's
+shard coordinate) are stable across re-wrapping and equal on the replicas that exchange them; masks
+(docs/algorithms.md §1) are drawn per (group, shard). A step closes when every group has reduced, or
+in the optimizer's step post-hook, which runs ``after_optimizer_step`` (CSER's reset); without
+``optimizer=`` the reset runs one step later, from the next hook (as on DDP).
 """
 from __future__ import annotations
 

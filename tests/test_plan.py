@@ -15,7 +15,7 @@ import torch
 
 from cser_hooks import plan
 from cser_hooks.bench import methods as bench_methods
-from cser_hooks.plan import cli, collectives, costs
+from cser_hooks.plan import by_method, cli, collectives, costs
 from harness import run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,10 +82,10 @@ def test_ef_random_block_and_cser_bytes_by_hand():
     work = _work([(8192,)], block=32)
     # random_block 1/8 of 8192 elements in blocks of 32: 32 blocks = 1024 values = 4096 B + the 4-byte flag;
     # W = 4 allreduce: 1.5 x 4100 = 6150
-    assert collectives.traffic("ef-rb@1/8", work, 4).wire_bytes_mean() == 6150
+    assert by_method.traffic("ef-rb@1/8", work, 4).wire_bytes_mean() == 6150
     # CSER (1/8, full reset, H = 4): 6150 per step + every 4 steps an allreduce of all 8192 parameters
     # (32768 B, no flag: 1.5 x = 49152): mean 6150 + 49152 / 4 = 18438
-    tr = collectives.traffic("cser@1/8:1:4", work, 4)
+    tr = by_method.traffic("cser@1/8:1:4", work, 4)
     assert tr.regular.wire_bytes(4) == 6150 and tr.event.wire_bytes(4) == 6150 + 49152
     assert tr.period == 4 and tr.wire_bytes_mean() == 18438
     assert tr.events_in(4, 20) == 4  # steps 7, 11, 15, 19
@@ -93,14 +93,14 @@ def test_ef_random_block_and_cser_bytes_by_hand():
 
 def test_topk_powersgd_and_model_sync_bytes_by_hand():
     # top-k 1/64 of 6400: k = 100, values + int32 indices = 800 B + flag 4; W = 4 allgather: 3 x 804
-    assert collectives.traffic("ef-topk@1/64", _work([(6400,)]), 4).wire_bytes_mean() == 2412
+    assert by_method.traffic("ef-topk@1/64", _work([(6400,)]), 4).wire_bytes_mean() == 2412
     # PowerSGD rank 1 on a 64 x 32 weight + 32-element bias (one bucket): bias dense (128 B), P 64 x 1
     # (256 B), Q 32 x 1 (128 B): three allreduces, at W = 2 each sends its payload
-    tr = collectives.traffic("powersgd", _work([(64, 32), (32,)]), 2)
+    tr = by_method.traffic("powersgd", _work([(64, 32), (32,)]), 2)
     assert [c.nbytes for c in tr.regular.collectives] == [128, 256, 128] and tr.wire_bytes_mean() == 512
     # QPRSGD (QSGD s=15 blocks of 64) every 4 steps on 6400 elements: sign bits 800 + 4-bit levels 3200
     # + 100 norms 400 = 4400 + flag 4; W = 4 allgather 3 x 4404 = 13212, every 4th step
-    q = collectives.traffic("qprsgd", _work([(6400,)]), 4)
+    q = by_method.traffic("qprsgd", _work([(6400,)]), 4)
     assert q.regular.wire_bytes(4) == 0 and q.event.wire_bytes(4) == 13212 and q.wire_bytes_mean() == 3303
 
 
@@ -135,11 +135,11 @@ def test_methods_are_the_bench_names():
     # every preset of the benchmark has a traffic model (or a clear error), dense first in estimate()
     work = _work([(512, 512), (512,)])
     for name in bench_methods.PRESETS:
-        assert collectives.traffic(name, work, 4).method == name
+        assert by_method.traffic(name, work, 4).method == name
     preds = plan.estimate(work, "1gbit", 4, compute_s=0.01, methods=["cser-32", "ef-rb"])
     assert [p.method for p in preds] == ["dense", "cser-32", "ef-rb"]
     with pytest.raises(SystemExit, match="unknown method"):
-        collectives.traffic("no-such-method", work, 4)
+        by_method.traffic("no-such-method", work, 4)
 
 
 def test_gain_line_by_hand():
@@ -195,7 +195,7 @@ def test_predicted_wire_bytes_equal_stats_of_two_gloo_ranks():
     assert sorted(sum(torch.Size(s).numel() for s in b) for b in work.buckets()) == [650, 2112]
     for rank, res in enumerate(results):
         for name in GLOO_METHODS:
-            tr = collectives.traffic(name, work, world)
+            tr = by_method.traffic(name, work, world)
             measured = [w for w, _ in res[name]["per_step"]][1:]  # after the warm-up step
             if res[name]["buckets"]:
                 assert res[name]["buckets"] == [650, 2112], name  # the state's buckets are the planner's

@@ -31,7 +31,8 @@ docs/plan.md has the derivation and docs/plan-validation/report.md the compariso
 bench step times.
 """
 from .api import DEFAULT_METHODS, as_workload, estimate, extrapolate, gain_line, recommend
-from .collectives import Collective, StepPlan, Traffic, traffic
+from .by_method import traffic
+from .collectives import Collective, StepPlan, Traffic
 from .costs import Costs
 from .costs import load as load_costs
 from .timing import Link, Prediction, StepTime, parse_duration, predict, step_time

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 from . import costs as costs_mod
 from . import workload as wl
-from .collectives import traffic
+from .by_method import traffic
 from .timing import Link, Prediction, predict, rate_text
 
 # dense first (the baseline); the bench's names (cser_hooks/bench/methods.py)

@@ -1,9 +1,9 @@
 """What each method sends per step: its collectives (kind, bytes handed) and its compression work.
 
 Methods are named as in the benchmark (``cser_hooks.bench.methods``: presets such as ``cser-32`` and
-parametric forms such as ``cser@1/64:1/4:16``); :func:`traffic` takes the benchmark's own parsed
-entry and reads the state class and compressor specs from it (the closure of its ``make``), so the
-planner models exactly what ``python -m cser_hooks.bench --methods NAME`` runs. Bytes on the wire
+parametric forms such as ``cser@1/64:1/4:16``); :func:`cser_hooks.plan.by_method.traffic` reads the
+state class and compressor specs from the benchmark's own parsed entry and calls the step plans
+below, so the planner models exactly what ``python -m cser_hooks.bench --methods NAME`` runs. Bytes on the wire
 come from :mod:`cser_hooks.wire` (the package's ring / pairwise model, the one ``stats()`` reports),
 payload sizes from each compressor's own ``wire_bytes``.
 
@@ -32,12 +32,10 @@ bytes are amortised over H steps in the mean figures (``stats()`` counts them in
 from __future__ import annotations
 
 import bisect
-import inspect
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from .. import wire
-from ..bench import methods as bench_methods
 from . import costs as C
 from .workload import Workload, numel
 
@@ -309,18 +307,6 @@ def _powersgd(buckets, rank: int):
     return _plan(buckets, step), None, 1
 
 
-def with_host_time(plan: StepPlan, per_bucket_s: float, world: int) -> StepPlan:
-    """host_s = buckets · per_bucket_s + W · PER_PAYLOAD_S per allgather / all_to_all (0 for DDP's own)."""
-    if not per_bucket_s:
-        return plan
-    gathers = sum(1 for c in plan.collectives if c.kind in (wire.ALLGATHER, wire.ALL_TO_ALL))
-    return replace(plan, host_s=len(plan.buckets) * per_bucket_s + gathers * world * PER_PAYLOAD_S)
-
-
-OURS = {"EFState": _ef, "CSERState": _cser, "CompSkipState": _compskip, "DistEFSGDMState": _dist_ef_sgdm,
-        "QsparseLocalSGDState": _qsparse, "QPRSGDState": _qprsgd}
-
-
 def _f32():
     import torch
 
@@ -335,45 +321,3 @@ def _compressor(spec):
     from ..compressors import get_compressor
 
     return get_compressor(spec)
-
-
-def describe(method: bench_methods.Method, block: int) -> tuple[str, dict]:
-    """(state class name or torch hook kind, resolved keyword arguments) of a bench method entry:
-    read from the closure of its ``make`` (cser_hooks/bench/methods.py), the callables of the block
-    size resolved with ``block``."""
-    if method.make is bench_methods._dense:
-        return "dense", {}
-    free = inspect.getclosurevars(method.make).nonlocals
-    if "state_name" in free:
-        kw = {k: (v(block) if callable(v) else v) for k, v in free.get("kwargs", {}).items()}
-        return free["state_name"], kw
-    if "hook_name" in free:
-        return free["hook_name"], {}
-    if set(free) == {"rank"}:
-        return "powerSGD_hook", {"rank": int(free["rank"])}
-    raise ValueError(f"method {method.name!r}: no traffic model (unrecognised bench entry)")
-
-
-def traffic(name: str, work: Workload, world: int) -> Traffic:
-    """The modelled traffic of bench method ``name`` on ``work`` with ``world`` ranks."""
-    method = bench_methods.get(name)
-    if method.bucket_cap_mb is not None:
-        work = work.with_cap(method.bucket_cap_mb)
-    buckets = _buckets(work)
-    kind, kw = describe(method, work.random_block)
-    event, period = None, 1
-    if kind in ("dense", "allreduce_hook"):
-        regular = _dense(buckets)
-    elif kind == "fp16_compress_hook":
-        regular = _dense(buckets, 2, C.copies(0) + (("fp16", 2.0),))
-    elif kind == "powerSGD_hook":
-        regular, event, period = _powersgd(buckets, kw["rank"])
-    elif kind in OURS:
-        regular, event, period = OURS[kind](buckets, world, **kw)
-    else:
-        raise ValueError(f"method {name!r}: no traffic model for {kind}")
-    regular = with_host_time(regular, HOOK_OVERHEAD_S[kind], world)
-    event = with_host_time(event, HOOK_OVERHEAD_S[kind], world) if event is not None else None
-    dense_wire = wire.dense_allreduce_bytes(4 * sum(b.n for b in buckets), world)  # as stats() reports it
-    notes = ("buckets: " + ", ".join(f"{b.n:,}" for b in buckets) + " elements",)
-    return Traffic(name, world, regular, event, period, dense_wire, method.summary, notes)
