@@ -90,18 +90,24 @@ def _run_key(state: AlgorithmState, key, grad: torch.Tensor, params: list) -> to
     ctx.exchange = ex
     if state.guard is not None and ex.flag is not None:
         state.guard.expect()
+    return _collective(state, where, lambda: launch(state.comm, ex), lambda got: state.decode(grad, got, ctx))
+
+
+def _collective(state: AlgorithmState, where: str, start, then) -> torch.futures.Future:
+    """``start()`` a collective from the hook call and ``then(value)`` in its callback; a failure in either
+    becomes the error that names rank, step and bucket (``collective_failure``)."""
     try:
-        fut = launch(state.comm, ex)
+        fut = start()
     except RuntimeError as e:
         raise state.collective_failure(where, e) from e
 
-    def decoded(f):
+    def done(f):
         try:
-            received = f.value()
+            value = f.value()
         except RuntimeError as e:
             raise state.collective_failure(where, e) from e
-        return state.decode(grad, received, ctx)
-    return fut.then(decoded)
+        return then(value)
+    return fut.then(done)
 
 
 def _dense_key(state: AlgorithmState, ctx: StepContext, grad: torch.Tensor) -> torch.futures.Future:
@@ -110,21 +116,11 @@ def _dense_key(state: AlgorithmState, ctx: StepContext, grad: torch.Tensor) -> t
     state.counters.count_uncompressed(ctx.key, grad)
     if state.check_finite and state.guard is not None:
         state.guard.expect()
-    where = state.comm.label
-    try:
-        fut = state.comm.allreduce_mean_async(grad)
-    except RuntimeError as e:
-        raise state.collective_failure(where, e) from e
-
-    def checked(f):
-        try:
-            avg = f.value()
-        except RuntimeError as e:
-            raise state.collective_failure(where, e) from e
+    def checked(avg):
         if state.check_finite:
             state.check_flag(nonfinite_flag(avg), ctx)
         return avg
-    return fut.then(checked)
+    return _collective(state, state.comm.label, lambda: state.comm.allreduce_mean_async(grad), checked)
 
 
 def _check_all_launched(state: AlgorithmState) -> None:

@@ -149,46 +149,40 @@ def kept_share(comp, n: int) -> float:
     return 1.0
 
 
+# per compressor class: (encode passes, decode passes) as functions of (compressor, n); the kernels
+# each runs are the rows of docs/bench-kernels (a cost table keyed by the class, like the kernels')
+_PASSES = {
+    "Identity": (lambda c, n: (), lambda c, n: ()),
+    "Zero": (lambda c, n: (), lambda c, n: ()),
+    "Cast": (lambda c, n: (("fp16", 1.0),), lambda c, n: (("fp16", 1.0),)),
+    "RandomBlock": (lambda c, n: (("rb_gather", kept_share(c, n) / RB_MEASURED_RATIO),),
+                    lambda c, n: (("rb_scatter", kept_share(c, n) / RB_MEASURED_RATIO),)),
+    "TopK": (lambda c, n: (("topk_select", 1.0),),
+             lambda c, n: (("topk_scatter", kept_share(c, n) / TOPK_MEASURED_RATIO),)),
+    "SignBlockwise": (lambda c, n: (("sign_ef_4096" if c.block and c.block <= 4096 else "sign_ef_tensor", 1.0),),
+                      lambda c, n: (("sign_dec", 1.0),)),
+    "QSGD": (lambda c, n: (("qsgd_ef", 1.0), ("rand", 1.0)), lambda c, n: (("qsgd_dec", 1.0),)),
+}
+
+
+def _passes(comp, n: int, which: int) -> tuple[tuple[str, float], ...]:
+    name = type(comp).__name__
+    if name == "Compose":  # the sparsifier's passes, then the quantizer's on the kept share
+        k = kept_share(comp, n)
+        return _passes(comp.sparsifier, n, which) + scaled(_passes(comp.quantizer, n, which), k)
+    if name not in _PASSES:
+        raise ValueError(f"no cost model for compressor {comp.spec()!r}")
+    return _PASSES[name][which](comp, n)
+
+
 def encode_passes(comp, n: int) -> tuple[tuple[str, float], ...]:
     """Passes to compress (with error feedback where the compressor fuses it) a bucket of n elements."""
-    name = type(comp).__name__
-    if name in ("Identity", "Zero"):
-        return ()
-    if name == "Cast":
-        return (("fp16", 1.0),)
-    if name == "RandomBlock":
-        return (("rb_gather", kept_share(comp, n) / RB_MEASURED_RATIO),)
-    if name == "TopK":
-        return (("topk_select", 1.0),)
-    if name == "SignBlockwise":
-        return (("sign_ef_4096" if comp.block and comp.block <= 4096 else "sign_ef_tensor", 1.0),)
-    if name == "QSGD":
-        return (("qsgd_ef", 1.0), ("rand", 1.0))
-    if name == "Compose":
-        k = kept_share(comp, n)
-        return encode_passes(comp.sparsifier, n) + tuple((op, m * k) for op, m in encode_passes(comp.quantizer, n))
-    raise ValueError(f"no cost model for compressor {comp.spec()!r}")
+    return _passes(comp, n, 0)
 
 
 def decode_passes(comp, n: int) -> tuple[tuple[str, float], ...]:
     """Passes to decompress one payload into (or add it to) a bucket of n elements."""
-    name = type(comp).__name__
-    if name in ("Identity", "Zero"):
-        return ()
-    if name == "Cast":
-        return (("fp16", 1.0),)
-    if name == "RandomBlock":
-        return (("rb_scatter", kept_share(comp, n) / RB_MEASURED_RATIO),)
-    if name == "TopK":
-        return (("topk_scatter", kept_share(comp, n) / TOPK_MEASURED_RATIO),)
-    if name == "SignBlockwise":
-        return (("sign_dec", 1.0),)
-    if name == "QSGD":
-        return (("qsgd_dec", 1.0),)
-    if name == "Compose":
-        k = kept_share(comp, n)
-        return decode_passes(comp.sparsifier, n) + tuple((op, m * k) for op, m in decode_passes(comp.quantizer, n))
-    raise ValueError(f"no cost model for compressor {comp.spec()!r}")
+    return _passes(comp, n, 1)
 
 
 def copies(m: float) -> tuple[tuple[str, float], ...]:
