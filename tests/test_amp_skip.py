@@ -65,7 +65,7 @@ def _snapshot(st) -> dict:
             "dicts": {k: dict(v) for k, v in sd.items() if k in ("lr_of", "reset_done", "skips")}}
 
 
-def _train(rank, ws, algo, steps, bad_steps, policy="skip", scaler_on=True, watch=()):
+def _train(rank, ws, algo, steps, bad_steps, policy="skip", scaler_on=True, watch=(), amp_dtype=torch.float16):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from cser_hooks import ddp as D
@@ -88,7 +88,7 @@ def _train(rank, ws, algo, steps, bad_steps, policy="skip", scaler_on=True, watc
         reads0 = st.guard.host_reads if st.guard is not None else 0
         scale0 = scaler.get_scale() if scaler_on else 1.0
         opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.float16):
+        with torch.autocast("cpu", dtype=amp_dtype):
             loss = torch.nn.functional.cross_entropy(ddp(xtr[idx]).float(), ytr[idx])
         if rank == 1 and it in bad_steps:
             loss = loss * float("inf")
@@ -175,6 +175,15 @@ def test_trains_through_overflows(algo):
     # qsparse (H = 4): iterations 59 and 60 both run step 59, which a synchronization follows (skipped
     # on both ranks); 20 and 111 (step 109) are local steps, rank 1's own
     assert hit[0]["stats"]["skipped_steps"] == (2 if algo == "qsparse" else 4)
+
+
+@pytest.mark.parametrize("algo", ["cser", "ef_top_k"])
+def test_bf16_autocast_needs_no_scaler(algo):
+    # bf16 autocast, no GradScaler, the default policy: trains like the fp16 + scaler job, nothing skipped
+    res = run_ranks(_train, 2, algo, 150, set(), policy="raise", scaler_on=False, amp_dtype=torch.bfloat16,
+                    timeout=300)
+    assert res[0]["acc"] > 0.85, res[0]["acc"]
+    assert res[0]["stats"]["skipped_steps"] == 0 and res[0]["stats"]["step"] == 150
 
 
 def test_raise_policy_still_raises_on_every_rank():
