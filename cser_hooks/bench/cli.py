@@ -3,6 +3,8 @@
     python -m cser_hooks.bench                           # default methods, MNIST-1D, 1-D CNN, 4 workers
     python -m cser_hooks.bench --methods dense,powersgd,cser-32 --model mlp-wide --link 100mbit
     python -m cser_hooks.bench --quick                   # 1-2 minute smoke run that checks its output
+    python -m cser_hooks.bench --model gpt --methods dense,powersgd,cser-32,ef-rb --steps 200
+                                                         # byte-level transformer on the stdlib's sources
 
 One set of W worker processes runs the methods in turn (same seed, data, model and schedule for
 each); a method that fails is reported and the others still run (in fresh workers). The launcher
@@ -25,15 +27,24 @@ from pathlib import Path
 
 from . import data as data_mod
 from . import methods as methods_mod
-from . import report
+from . import metrics, plots, report
+from .bars import BarUI
 
-MODELS = ("cnn", "mlp", "mlp-wide")  # cser_hooks.bench.models.MODELS (imported lazily: it imports torch)
+GPT_LR, GPT_STEPS = 0.3, 300  # SGD with momentum, gradient-norm clipping at 0.25, 10 % warm-up (README)
+MODELS = ("cnn", "mlp", "mlp-wide", "gpt")  # cser_hooks.bench.models.MODELS (imported lazily: it imports torch)
+TEXT_MODELS = ("gpt",)  # trained on a text corpus (data.prepare_text), the others on data.prepare's arrays
 
-# per-model defaults: learning rate, steps, target accuracy on MNIST-1D
-MODEL_DEFAULTS = {"cnn": {"lr": 0.1, "steps": 1000, "target": 0.9},
-                  "mlp": {"lr": 0.05, "steps": 600, "target": 0.5},
-                  "mlp-wide": {"lr": 0.05, "steps": 300, "target": 0.5}}
+# per-model defaults: data, learning rate, steps, batch, evaluations per run, target (an accuracy on
+# MNIST-1D for the classifiers; gpt's default target is dense's final validation loss + --target-margin),
+# gradient-norm clipping (None: none) and the warm-up share of the steps
+_CLASSIFIER = {"data": "mnist1d", "batch": 32, "evals": 50, "clip_grad": None, "warmup": 0.05}
+MODEL_DEFAULTS = {"cnn": {**_CLASSIFIER, "lr": 0.1, "steps": 1000, "target": 0.9},
+                  "mlp": {**_CLASSIFIER, "lr": 0.05, "steps": 600, "target": 0.5},
+                  "mlp-wide": {**_CLASSIFIER, "lr": 0.05, "steps": 300, "target": 0.5},
+                  "gpt": {"data": "stdlib", "lr": GPT_LR, "steps": GPT_STEPS, "batch": 8, "evals": 10,
+                          "target": None, "clip_grad": 0.25, "warmup": 0.1}}
 QUICK = {"steps": 150, "eval_every": 25}
+TARGET_MARGIN = 0.05  # nats: gpt's default target is dense's final validation loss + this
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,24 +57,45 @@ def build_parser() -> argparse.ArgumentParser:
                    f"ef-rb@R, ef-sign@B, topk@R, local-sgd@H, powersgd@R, dist-ef-sgdm@B, qsparse@R:H, "
                    f"qprsgd@H, compskip@R:K; any name + ~lrS scales the peak lr by S")
     p.add_argument("--workers", "-W", type=int, default=4, help="number of worker processes (default 4)")
-    p.add_argument("--data", default="mnist1d",
-                   help="mnist1d (default, generated offline and cached), digits, or a PATH: .npz with "
-                        "x_train,y_train,x_test,y_test, or an ImageFolder directory (needs torchvision)")
+    p.add_argument("--data",
+                   help="classifiers: mnist1d (default, generated offline and cached), digits, or a PATH: .npz "
+                        "with x_train,y_train,x_test,y_test, or an ImageFolder directory (needs torchvision). "
+                        "gpt: stdlib (default: this interpreter's standard-library .py sources) or a PATH: a "
+                        "text file or a directory of .txt/.py files")
     p.add_argument("--model", default="cnn", choices=MODELS,
                    help="cnn (default, ~10k params on MNIST-1D), mlp, mlp-wide (5.4M params: "
-                        "communication-bound)")
+                        "communication-bound), gpt (byte-level transformer, 10.9M params by default; metric: "
+                        "validation loss / bits per byte)")
     p.add_argument("--steps", type=int,
-                   help="training steps per method (default: cnn 1000, mlp 600, mlp-wide 300; --quick 150)")
-    p.add_argument("--batch", type=int, default=32, help="batch size per worker (default 32)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: cnn 0.1, mlp 0.05)")
+                   help=f"training steps per method (default: cnn 1000, mlp 600, mlp-wide 300, gpt {GPT_STEPS}; "
+                        f"--quick 150)")
+    p.add_argument("--batch", type=int,
+                   help="batch size per worker (default 32; gpt: 8 windows of --context bytes)")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default: cnn 0.1, mlp 0.05, gpt {GPT_LR})")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--eval-every", type=int, help="evaluate rank 0's model every N steps (default steps/50)")
+    p.add_argument("--clip-grad", type=float,
+                   help="clip the global gradient norm (what the optimizer gets) at this value; 0: off "
+                        "(default: off; gpt 0.25)")
+    p.add_argument("--warmup", type=float, help="linear warm-up share of the steps (default 0.05; gpt 0.1)")
+    p.add_argument("--eval-every", type=int,
+                   help="evaluate rank 0's model every N steps (default steps/50; gpt steps/10)")
     p.add_argument("--target", type=float,
-                   help="target test accuracy for steps/time-to-target, 0-1 or percent (default: MNIST-1D "
-                        "cnn 0.9, mlp/mlp-wide 0.5; digits 0.9)")
+                   help="target for steps/time-to-target: a test accuracy, 0-1 or percent (default: MNIST-1D "
+                        "cnn 0.9, mlp/mlp-wide 0.5; digits 0.9); gpt: a validation loss in nats (default: "
+                        "dense's final validation loss + --target-margin)")
+    p.add_argument("--target-margin", type=float, default=TARGET_MARGIN,
+                   help=f"gpt: the default target is dense's final validation loss + this many nats "
+                        f"(default {TARGET_MARGIN})")
     p.add_argument("--stop-at-target", action="store_true",
-                   help="end each method at its first evaluation at or above --target (for slow --link runs)")
+                   help="end each method at its first evaluation at or beyond --target (for slow --link runs)")
+    g = p.add_argument_group("gpt (--model gpt)")
+    g.add_argument("--gpt-layers", type=int, help="transformer blocks (default 6)")
+    g.add_argument("--gpt-dim", type=int, help="model width (default 384)")
+    g.add_argument("--gpt-heads", type=int, help="attention heads (default 6)")
+    g.add_argument("--context", type=int, help="context length in bytes (default 128)")
+    g.add_argument("--eval-windows", type=int, default=64,
+                   help="validation windows of --context bytes in each evaluation (default 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bucket-cap-mb", type=float, default=25.0,
                    help="DDP bucket cap in MB (default 25; PowerSGD always uses one bucket)")
@@ -84,23 +116,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve(args) -> dict:
-    d = MODEL_DEFAULTS[args.model]
-    steps = args.steps or (QUICK["steps"] if args.quick else d["steps"])
-    if steps < 1 or args.batch < 1 or args.workers < 1:
-        raise SystemExit("--steps, --batch and --workers must be >= 1")
-    eval_every = args.eval_every or (QUICK["eval_every"] if args.quick else max(1, steps // 50))
+def _resolve_target(args, metric: metrics.Metric, d: dict, data: str) -> float | None:
+    """The target given or defaulted before the run (None: none, or for gpt dense's + margin, set later)."""
     target = args.target
+    if not metric.higher_is_better:  # a validation loss in nats, as given
+        if target is not None and not target > 0:
+            raise SystemExit(f"--target {target}: give a validation loss in nats (> 0)")
+        return target
     if target is not None and target > 1:
         target = target / 100
     if target is None:
-        target = {"mnist1d": d["target"], "digits": 0.9}.get(args.data)
+        target = {"mnist1d": d["target"], "digits": 0.9}.get(data)
     if target is not None and not 0 < target <= 1:
         raise SystemExit(f"--target {args.target}: give an accuracy in (0, 1] or a percentage")
+    return target
+
+
+def resolve(args, metric: metrics.Metric | None = None) -> dict:
+    metric = metric or metrics.for_model(args.model)
+    d = MODEL_DEFAULTS[args.model]
+    steps = args.steps or (QUICK["steps"] if args.quick else d["steps"])
+    batch = args.batch if args.batch is not None else d["batch"]
+    if steps < 1 or batch < 1 or args.workers < 1:
+        raise SystemExit("--steps, --batch and --workers must be >= 1")
+    eval_every = args.eval_every or (QUICK["eval_every"] if args.quick else max(1, steps // d["evals"]))
+    data = args.data or d["data"]
+    target = _resolve_target(args, metric, d, data)
     if args.stop_at_target and target is None:
-        raise SystemExit("--stop-at-target needs --target (there is no default target for this data set)")
-    return {"steps": steps, "eval_every": eval_every, "target": target,
-            "lr": args.lr if args.lr is not None else d["lr"]}
+        later = (" (gpt's default target, dense's final loss + margin, is only known after the run)"
+                 if not metric.higher_is_better else "")
+        raise SystemExit(f"--stop-at-target needs --target (there is no default target for this data set){later}")
+    clip = args.clip_grad if args.clip_grad is not None else d["clip_grad"]
+    warmup = args.warmup if args.warmup is not None else d["warmup"]
+    if (clip is not None and clip < 0) or not 0 <= warmup < 1:
+        raise SystemExit("--clip-grad must be >= 0 and --warmup in [0, 1)")
+    return {"steps": steps, "eval_every": eval_every, "target": target, "batch": batch, "data": data,
+            "lr": args.lr if args.lr is not None else d["lr"], "clip_grad": clip or None, "warmup": warmup}
 
 
 class Session:
@@ -148,7 +199,9 @@ def main(argv=None) -> int:
         return 0
     if args.delay and not args.link:
         raise SystemExit("--delay needs --link RATE")
-    plan = resolve(args)
+    metric = metrics.for_model(args.model)
+    plan = resolve(args, metric)
+    text = args.model in TEXT_MODELS
     chosen = methods_mod.parse_list(args.methods or ",".join(
         methods_mod.QUICK_DEFAULT if args.quick else methods_mod.DEFAULT))
     started = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -170,15 +223,15 @@ def main(argv=None) -> int:
             if stale:
                 print(f"removed stale namespaces of killed runs: {', '.join(stale)}", file=sys.stderr)
         session.work_dir = Path(tempfile.mkdtemp(prefix="cser_bench_"))
-        print(f"preparing data {args.data} ...", file=sys.stderr, flush=True)
-        data_path = data_mod.prepare(args.data, session.work_dir)
+        print(f"preparing data {plan['data']} ...", file=sys.stderr, flush=True)
+        data_path = (data_mod.prepare_text if text else data_mod.prepare)(plan["data"], session.work_dir)
         info = data_mod.describe(data_path)
-        if info["train"] // args.workers < args.batch:
-            raise SystemExit(f"{info['train']} training samples over {args.workers} workers leave fewer than "
-                             f"--batch {args.batch} per worker: lower --batch or --workers")
         from . import models
 
-        params = models.count_parameters(models.build(args.model, info["input_shape"], info["classes"]))
+        model_kw = gpt_config(args, models.GPT_DEFAULTS) if text else {}
+        check_data(info, args.workers, plan["batch"], model_kw.get("context"))
+        model = models.build(args.model, info.get("input_shape", ()), info.get("classes", 0), **model_kw)
+        params = models.count_parameters(model)
         block = args.block or (256 if params >= 1_000_000 else 32)
         if lab is not None:
             session.lab = lab
@@ -191,19 +244,21 @@ def main(argv=None) -> int:
 
         launcher = session.launcher = Launcher(session.work_dir, out_dir / "logs", lab)
         cfg = {"world": args.workers, "data": str(data_path), "model": args.model, "steps": plan["steps"],
-               "batch": args.batch, "lr": plan["lr"], "momentum": args.momentum,
+               "batch": plan["batch"], "lr": plan["lr"], "momentum": args.momentum, "gpt": model_kw,
+               "eval_windows": args.eval_windows, "clip_grad": plan["clip_grad"], "warmup": plan["warmup"],
                "weight_decay": args.weight_decay, "eval_every": plan["eval_every"], "seed": args.seed,
                "block": block, "bucket_cap_mb": args.bucket_cap_mb, "window_start": 2,
                "timeout_s": min(args.timeout, 600),
                "stop_at": plan["target"] if args.stop_at_target else None}
         print(f"{len(chosen)} method(s), {args.workers} workers, model {args.model} ({params:,} parameters), "
               f"{plan['steps']} steps; report in {out_dir}", file=sys.stderr, flush=True)
-        ui = BarUI(plan["steps"])
+        ui = BarUI(plan["steps"], metric)
         outcomes = launcher.run_methods([m.name for m in chosen], cfg, ui, args.timeout)
+        target, target_rule = final_target(plan["target"], metric, outcomes, args.target_margin)
         for m in chosen:
             got = outcomes.get(m.name, {"error": "not run", "unavailable": False})
             if "results" in got:
-                rows.append(report.summarize(m.name, m.summary, got["results"], plan["target"], args.workers))
+                rows.append(report.summarize(m.name, m.summary, got["results"], target, args.workers, metric))
             else:
                 rows.append(report.failed(m.name, m.summary, got["error"], got["unavailable"]))
     except KeyboardInterrupt:
@@ -221,22 +276,30 @@ def main(argv=None) -> int:
     else:
         network = "loopback (127.0.0.1)"
     command = " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
-    meta = {"started": started, "command": f"python -m cser_hooks.bench {command}".strip(), "data": args.data,
+    meta = {"started": started, "command": f"python -m cser_hooks.bench {command}".strip(), "data": plan["data"],
             "data_info": info, "model": args.model, "params": params, "world": args.workers,
-            "steps": plan["steps"], "batch": args.batch, "lr": plan["lr"], "momentum": args.momentum,
+            "steps": plan["steps"], "batch": plan["batch"], "lr": plan["lr"], "momentum": args.momentum,
             "weight_decay": args.weight_decay, "seed": args.seed, "network": network,
-            "target": plan["target"], "stop_at_target": bool(args.stop_at_target), "block": block}
+            "target": target, "stop_at_target": bool(args.stop_at_target), "block": block,
+            "metric": metric.key, "target_rule": target_rule}
+    if plan["clip_grad"] or plan["warmup"] != 0.05:
+        meta.update(clip_grad=plan["clip_grad"], warmup=plan["warmup"])
+    if text:
+        meta.update(gpt=model_kw, eval_windows=args.eval_windows, eval_every=plan["eval_every"],
+                    model_text=models.describe(args.model, model),
+                    batch_text=f"batch {plan['batch']} windows of {model_kw['context']} bytes",
+                    data_info=write_file_list(info, out_dir))
     (out_dir / "results.json").write_text(json.dumps({"meta": meta, "methods": rows}, indent=1, default=str))
-    text = report.markdown(rows, meta)
-    report.plots(rows, out_dir, plan["target"])
-    (out_dir / "report.md").write_text(text)
-    print(report.main_table(rows))
+    md = report.markdown(rows, meta)
+    plots.plots(rows, out_dir, target, metric)
+    (out_dir / "report.md").write_text(md)
+    print(report.main_table(rows, metric))
     if args.link:
         print("\nbytes on the emulated link (per worker per step):\n" + report.link_table(rows))
-    print(f"\nreport: {out_dir / 'report.md'} (plots: {', '.join(report.PLOTS)})")
+    print(f"\nreport: {out_dir / 'report.md'} (plots: {', '.join(metric.plot_names())})")
     code = 0 if all(r["status"] == "ok" for r in rows) else 1
     if args.quick:
-        problems = report.validate(out_dir, [m.name for m in chosen])
+        problems = report.validate(out_dir, [m.name for m in chosen], metric)
         if problems:
             print("--quick self-check FAILED:\n  " + "\n  ".join(problems), file=sys.stderr)
             return 2
@@ -245,40 +308,38 @@ def main(argv=None) -> int:
     return code
 
 
-class BarUI:
-    """A tqdm bar per method (on stderr), updated from rank 0's progress lines."""
+def gpt_config(args, defaults: dict) -> dict:
+    """``layers``, ``dim``, ``heads``, ``context`` of ``--model gpt`` (the flags over ``defaults``)."""
+    given = {"layers": args.gpt_layers, "dim": args.gpt_dim, "heads": args.gpt_heads, "context": args.context}
+    cfg = {k: int(v if v is not None else defaults[k]) for k, v in given.items()}
+    if min(cfg.values()) < 1 or args.eval_windows < 1:
+        raise SystemExit("--gpt-layers, --gpt-dim, --gpt-heads, --context and --eval-windows must be >= 1")
+    return cfg
 
-    def __init__(self, steps: int):
-        self.steps = steps
-        self.bars = {}
-        self.t0 = {}
 
-    def _bar(self, name):
-        from tqdm import tqdm
+def check_data(info: dict, workers: int, batch: int, context: int | None) -> None:
+    """Enough data for the run: samples for every worker's batch, or bytes for a context window."""
+    if info.get("kind") == "text":
+        if min(info["train"], info["test"]) <= context:
+            raise SystemExit(f"--data {info['source']}: {info['train']} training / {info['test']} validation "
+                             f"bytes; both must exceed --context {context}")
+    elif info["train"] // workers < batch:
+        raise SystemExit(f"{info['train']} training samples over {workers} workers leave fewer than "
+                         f"--batch {batch} per worker: lower --batch or --workers")
 
-        if name not in self.bars:
-            self.bars[name] = tqdm(total=self.steps, desc=f"{name:>12}", unit="step", file=sys.stderr,
-                                   mininterval=0.5, dynamic_ncols=True, leave=True)
-            self.t0[name] = time.monotonic()
-        return self.bars[name]
 
-    def start(self, name):
-        self._bar(name)
+def final_target(target, metric: metrics.Metric, outcomes: dict, margin: float) -> tuple[float | None, str | None]:
+    """The target the report uses, and how it was set: as given, or dense's final value + ``margin``."""
+    if target is not None or metric.higher_is_better:
+        return target, None
+    results = {n: o["results"] for n, o in outcomes.items() if "results" in o}
+    target = report.loss_target(results, margin)
+    if target is None:
+        return None, None
+    return target, f"dense's final {metric.name} {target - margin:.3f} + margin {margin:g} {metric.unit}"
 
-    def progress(self, name, msg):
-        bar = self._bar(name)
-        if "step" in msg:
-            bar.update(max(0, msg["step"] - bar.n))
-        if msg.get("acc") is not None:
-            bar.set_postfix_str(f"acc {100 * msg['acc']:.1f}%")
 
-    def end(self, name, outcome):
-        bar = self._bar(name)
-        if "results" in outcome:
-            acc = outcome["results"][0]["acc_final"]
-            bar.set_postfix_str(f"acc {100 * acc:.1f}%, {time.monotonic() - self.t0[name]:.0f} s")
-        else:
-            bar.set_postfix_str("unavailable" if outcome.get("unavailable") else "FAILED")
-        bar.close()
-        if "results" not in outcome:
-            bar.write(f"{name}: {outcome['error']}", file=sys.stderr)
+def write_file_list(info: dict, out_dir: Path) -> dict:
+    """Write the corpus's file list to ``out_dir/corpus_files.txt``; the description without the list."""
+    (out_dir / "corpus_files.txt").write_text("".join(f + "\n" for f in info["files"]))
+    return {**{k: v for k, v in info.items() if k != "files"}, "file_list": "corpus_files.txt"}

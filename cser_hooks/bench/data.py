@@ -11,12 +11,25 @@ Sources (``--data``):
 
 Every source ends as float32 ``x`` (``(N, L)`` signals or ``(N, C, H, W)`` images) and int64 labels
 ``0..K-1``, standardized with the training set's mean and standard deviation.
+
+Text corpora (``--model gpt``; :func:`prepare_text`) end as two uint8 byte arrays, ``train`` and ``val``:
+    stdlib    the running interpreter's standard-library sources: every ``*.py`` file under
+              ``sysconfig.get_paths()["stdlib"]``, sorted by relative POSIX path, except those under a
+              directory named in :data:`STDLIB_EXCLUDED_DIRS` (site-packages, test suites, IDLE, the
+              generated codec tables of ``encodings/`` and the doc text of ``pydoc_data/``) and the
+              build-specific ``_sysconfigdata*.py``; concatenated as raw bytes.
+    PATH      a text file (its bytes), or a directory: its ``*.txt`` and ``*.py`` files, recursively,
+              sorted by relative path (``__pycache__`` and hidden directories skipped), concatenated.
+The last :data:`VAL_FRACTION` of the bytes is the validation split. The split arrays are cached in
+:func:`cache_dir` under the corpus's sha256; the description (rule, file list, bytes, sha256) goes into
+the report.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import sysconfig
 import tempfile
 from pathlib import Path
 
@@ -161,7 +174,8 @@ def load_source(spec: str) -> dict[str, np.ndarray]:
         return imagefolder_arrays(path)
     if path.is_file():
         return npz_arrays(path)
-    raise SystemExit(f"--data {spec!r}: not 'mnist1d', 'digits', an existing .npz file or an image folder")
+    hint = " ('stdlib' is the text corpus of --model gpt)" if spec in TEXT_SOURCES else ""
+    raise SystemExit(f"--data {spec!r}: not 'mnist1d', 'digits', an existing .npz file or an image folder{hint}")
 
 
 def prepare(spec: str, out_dir: Path) -> Path:
@@ -173,7 +187,115 @@ def prepare(spec: str, out_dir: Path) -> Path:
 
 
 def describe(path: Path) -> dict[str, object]:
+    """Sizes and shapes of a prepared data set (a text corpus: the description :func:`prepare_text` wrote)."""
+    if path.name == "corpus.npz":
+        return json.loads((path.parent / "corpus.json").read_text())
     with np.load(path) as z:
         return {"train": int(len(z["y_train"])), "test": int(len(z["y_test"])),
                 "input_shape": list(z["x_train"].shape[1:]),
                 "classes": int(max(z["y_train"].max(), z["y_test"].max()) + 1)}
+
+
+# -- text corpora (--model gpt) --------------------------------------------------------------------
+
+TEXT_SOURCES = ("stdlib",)
+STDLIB_EXCLUDED_DIRS = ("site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test", "idlelib",
+                        "encodings", "pydoc_data")
+TEXT_SUFFIXES = (".txt", ".py")
+VAL_FRACTION = 0.05
+STDLIB_RULE = (f"*.py under sysconfig stdlib, sorted by relative path, excluding directories "
+               f"{', '.join(STDLIB_EXCLUDED_DIRS)} and _sysconfigdata*.py; last {VAL_FRACTION:.0%} of the "
+               f"bytes for validation")
+
+
+def _walk(root: Path, prune, keep) -> list[Path]:
+    """Files under ``root`` that ``keep(path)``, not descending into directories that ``prune(name)``;
+    sorted by relative POSIX path."""
+    found = []
+    for here, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if not prune(d)]
+        found += [Path(here) / n for n in names if keep(Path(here) / n)]
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def stdlib_files(root: Path | None = None) -> tuple[Path, list[Path]]:
+    """``(root, files)``: the stdlib corpus's files in order (the rule of :data:`STDLIB_RULE`)."""
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    keep = lambda p: p.suffix == ".py" and not p.name.startswith("_sysconfigdata") and p.is_file()  # noqa: E731
+    return root, _walk(root, lambda d: d in STDLIB_EXCLUDED_DIRS, keep)
+
+
+def text_dir_files(root: Path) -> list[Path]:
+    """The ``*.txt``/``*.py`` files under ``root`` (recursively, sorted; ``__pycache__``, hidden dirs skipped)."""
+    return _walk(root, lambda d: d == "__pycache__" or d.startswith("."),
+                 lambda p: p.suffix in TEXT_SUFFIXES and p.is_file())
+
+
+def _corpus_files(spec: str) -> tuple[Path, list[Path], str]:
+    """``(root, files, rule)`` for ``--data spec`` with ``--model gpt``."""
+    if spec == "stdlib":
+        root, files = stdlib_files()
+        return root, files, STDLIB_RULE
+    path = Path(spec).expanduser()
+    split = f"last {VAL_FRACTION:.0%} of the bytes for validation"
+    if path.is_file():
+        return path.parent, [path], f"the file {path.name}; {split}"
+    if path.is_dir():
+        return path, text_dir_files(path), (f"{', '.join('*' + s for s in TEXT_SUFFIXES)} under {path}, "
+                                            f"sorted by relative path; {split}")
+    raise SystemExit(f"--data {spec!r} with --model gpt: not 'stdlib', a text file or a directory of "
+                     f"{'/'.join(TEXT_SUFFIXES)} files")
+
+
+def split_corpus(corpus: np.ndarray, val_fraction: float = VAL_FRACTION) -> dict[str, np.ndarray]:
+    """The fixed split: the first bytes train, the last ``val_fraction`` validate."""
+    cut = len(corpus) - max(1, int(round(val_fraction * len(corpus))))
+    return {"train": corpus[:cut], "val": corpus[cut:]}
+
+
+def text_corpus(spec: str) -> tuple[dict[str, np.ndarray], dict[str, object]]:
+    """``(arrays, info)``: the uint8 ``train``/``val`` split of a text corpus and its description.
+
+    The split is cached under the corpus's sha256 (and the validation fraction)."""
+    root, files, rule = _corpus_files(spec)
+    if not files:
+        raise SystemExit(f"--data {spec}: no {'/'.join(TEXT_SUFFIXES)} files found")
+    blob = b"".join(p.read_bytes() for p in files)
+    if not blob:
+        raise SystemExit(f"--data {spec}: the corpus is empty")
+    sha = hashlib.sha256(blob).hexdigest()
+    path = cache_dir() / f"corpus-{sha[:16]}-val{VAL_FRACTION:g}.npz"
+    arrays = None
+    if path.exists():
+        try:
+            with np.load(path) as z:
+                arrays = {k: z[k] for k in ("train", "val")}
+        except Exception:  # a truncated cache file: rebuild it
+            path.unlink(missing_ok=True)
+    if arrays is None or sum(len(a) for a in arrays.values()) != len(blob):
+        arrays = split_corpus(np.frombuffer(blob, dtype=np.uint8))
+        try:
+            _atomic_savez(path, arrays)
+        except OSError:
+            pass  # a read-only home is fine
+    info = {"kind": "text", "source": spec, "root": str(root), "rule": rule, "file_count": len(files),
+            "files": [p.relative_to(root).as_posix() for p in files], "bytes": len(blob), "sha256": sha,
+            "train": int(len(arrays["train"])), "test": int(len(arrays["val"])),
+            "unigram_entropy_bits": unigram_entropy_bits(arrays["train"])}
+    return arrays, info
+
+
+def unigram_entropy_bits(data: np.ndarray) -> float:
+    """Entropy in bits per byte of the byte histogram of ``data`` (what a context-free model can reach)."""
+    p = np.bincount(data, minlength=256) / max(1, len(data))
+    p = p[p > 0]
+    return float(-(p * np.log2(p)).sum())
+
+
+def prepare_text(spec: str, out_dir: Path) -> Path:
+    """Write the corpus split to ``out_dir/corpus.npz`` (its description to ``corpus.json``); return the path."""
+    arrays, info = text_corpus(spec)
+    path = out_dir / "corpus.npz"
+    _atomic_savez(path, arrays)
+    (out_dir / "corpus.json").write_text(json.dumps(info))
+    return path

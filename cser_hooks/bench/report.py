@@ -1,8 +1,11 @@
 """Summaries, the markdown report, the PNG plots, and the ``--quick`` self-check of the output.
 
 Per method (from the W ``rank<R>.json`` of :mod:`cser_hooks.bench.worker`):
-  * final / rank-averaged-model test accuracy (rank 0's model; the average differs for local methods);
-  * steps and training seconds to the first evaluation at or above ``--target``;
+  * the run's metric (:mod:`cser_hooks.bench.metrics`): final / rank-averaged-model test accuracy for
+    the classifiers, final / best / rank-averaged-model validation loss and bits per byte for ``gpt``
+    (rank 0's model; the average differs for local methods);
+  * steps and training seconds to the first evaluation at or beyond the target (``--target``; for a
+    lower-is-better metric by default dense's final value + ``--target-margin``: :func:`loss_target`);
   * bytes per worker per step over the steady-state window, averaged over ranks, two ways: *handed*
     (``stats()["bytes_sent_total"]``, the payload given to the collectives) and *wire*
     (``stats()["wire_bytes_total"]``: what the rank puts on the network under the ring / pairwise
@@ -21,13 +24,23 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-MAIN_HEADER = ("method", "final acc %", "avg-model acc %", "steps to target", "time to target s",
-               "train time s", "handed kB/step/worker", "wire kB/step/worker", "handed ratio",
-               "wire ratio (ring model)", "compress %", "comm %")
+from .metrics import ACCURACY, BITS_PER_NAT, Metric
+from .metrics import get as get_metric
+
+COMMON_HEADER = ("steps to target", "time to target s", "train time s", "handed kB/step/worker",
+                 "wire kB/step/worker", "handed ratio", "wire ratio (ring model)", "compress %", "comm %")
+
+
+def main_header(metric: Metric = ACCURACY) -> tuple[str, ...]:
+    """The main table's header: method, the metric's columns, then the columns every run has."""
+    return ("method", *(c.header for c in metric.columns), *COMMON_HEADER)
+
+
+MAIN_HEADER = main_header(ACCURACY)
 LINK_HEADER = ("method", "handed kB/step", "wire model kB/step (ring)", "veth kB/step", "veth vs model")
 NOT_REACHED = "not reached"
 NA = "n/a"
-PLOTS = ("acc_vs_step.png", "acc_vs_time.png", "bytes_per_step.png")
+PLOTS = ACCURACY.plot_names()  # ("acc_vs_step.png", "acc_vs_time.png", "bytes_per_step.png")
 
 
 def _mean(xs):
@@ -50,10 +63,35 @@ def _ratio(dense, this):
     return dense / this if dense and this else None
 
 
-def summarize(name: str, summary: str, results: list[dict], target: float | None, world: int) -> dict:
+def loss_target(rows_or_results: dict[str, list[dict]], margin: float, baseline: str = "dense") -> float | None:
+    """A lower-is-better target: ``baseline``'s final value (rank 0's) + ``margin``; None without a baseline run.
+
+    ``rows_or_results``: ``{method: [rank results]}`` (the launcher's outcomes), final value under
+    ``<metric>_final``."""
+    results = rows_or_results.get(baseline)
+    if not results:
+        return None
+    r0 = results[0]
+    final = r0.get(f"{r0.get('metric')}_final")
+    return None if final is None else final + margin
+
+
+def _metric_values(r0: dict, metric: Metric) -> dict:
+    """``<key>_final``, ``<key>_avg``, ``<key>_best`` and the derived ``<name>_<...>`` of rank 0's result."""
+    vals = {f"{metric.key}_final": r0.get(f"{metric.key}_final"), f"{metric.key}_avg": r0.get(f"{metric.key}_avg"),
+            f"{metric.key}_best": metric.best(p.get(metric.key) for p in r0["curve"])}
+    for name, factor in metric.derived:
+        for which in ("final", "avg", "best"):
+            v = vals[f"{metric.key}_{which}"]
+            vals[f"{name}_{which}"] = None if v is None else v * factor
+    return vals
+
+
+def summarize(name: str, summary: str, results: list[dict], target: float | None, world: int,
+              metric: Metric = ACCURACY) -> dict:
     r0 = results[0]
     curve = r0["curve"]
-    hit = next((p for p in curve if target is not None and p["acc"] >= target), None)
+    hit = next((p for p in curve if metric.reached(p.get(metric.key), target)), None)
     bytes_step = _mean(_window_bytes(r) for r in results)
     wire_step = _mean(_window_bytes(r, "wire_bytes_total") for r in results)
     end = r0["stats_end"]
@@ -63,14 +101,14 @@ def summarize(name: str, summary: str, results: list[dict], target: float | None
     share = lambda k: (end[k] / tt) if end.get(k) is not None else None  # noqa: E731
     out = {
         "method": name, "summary": summary, "status": "ok", "params": r0["params"], "steps": r0["steps"],
-        "target": target,
-        "acc_final": r0["acc_final"], "acc_avg": r0["acc_avg"], "train_time": r0["train_time"],
+        "target": target, "metric": metric.key, **_metric_values(r0, metric), "train_time": r0["train_time"],
         "steps_to_target": hit["step"] if hit else None, "time_to_target": hit["time"] if hit else None,
         "bytes_per_step": bytes_step, "dense_bytes_per_step": dense_step,
         "wire_bytes_per_step": wire_step, "dense_wire_bytes_per_step": dense_wire_step,
         "handed_ratio": _ratio(dense_step, bytes_step), "wire_ratio": _ratio(dense_wire_step, wire_step),
         "compress_share": share("compress_seconds"), "comm_share": share("comm_seconds"),
-        "protocol": r0["protocol"], "curve": curve, "stats_rank0": end,
+        "protocol": r0["protocol"], "curve": curve, "stats_rank0": end, "ddp_buckets": r0.get("ddp_buckets"),
+        "bucket_cap_mb": r0.get("bucket_cap_mb"),
     }
     veth = [r.get("veth_tx_window") for r in results]
     if all(v is not None for v in veth):
@@ -103,14 +141,19 @@ def _kb(x) -> str:
     return _num(None if x is None else x / 1e3, "{:.2f}")
 
 
-def main_table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(MAIN_HEADER) + " |", "|" + "---|" * len(MAIN_HEADER)]
+def _metric_cells(s: dict, metric: Metric) -> list[str]:
+    return [_num(None if s.get(c.key) is None else s[c.key] * c.scale, c.fmt) for c in metric.columns]
+
+
+def main_table(rows: list[dict], metric: Metric = ACCURACY) -> str:
+    header = main_header(metric)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for s in rows:
         if s["status"] != "ok":
-            cells = [s["method"], s["status"].replace("|", "/")] + [""] * (len(MAIN_HEADER) - 2)
+            cells = [s["method"], s["status"].replace("|", "/")] + [""] * (len(header) - 2)
         else:
             miss = NOT_REACHED if s.get("target") is not None else NA
-            cells = [s["method"], _pct(s["acc_final"]), _pct(s["acc_avg"]),
+            cells = [s["method"], *_metric_cells(s, metric),
                      _num(s["steps_to_target"], "{:d}", miss),
                      _num(s["time_to_target"], "{:.1f}", miss), _num(s["train_time"]),
                      _kb(s["bytes_per_step"]), _kb(s.get("wire_bytes_per_step")), _num(s.get("handed_ratio")),
@@ -156,20 +199,63 @@ def link_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def markdown(rows: list[dict], meta: dict) -> str:
+def _data_text(meta: dict) -> str:
+    """The data set, as the report's run line names it (a text corpus: rule, files, bytes, sha256)."""
     info = meta["data_info"]
-    target = (f"Target accuracy: {_pct(meta['target'])} %." if meta["target"] is not None
-              else "No target accuracy (pass --target).")
-    stop = " Each method stopped at its first evaluation at or above the target." \
+    if info.get("kind") != "text":
+        return f"Data {meta['data']} ({info['train']} train / {info['test']} test, input {info['input_shape']})"
+    h = info.get("unigram_entropy_bits")
+    unigram = "" if h is None else (f"; unigram entropy of the training bytes {h:.3f} bits/byte "
+                                    f"({h / BITS_PER_NAT:.3f} nats)")
+    return (f"Data {meta['data']}: {info['file_count']:,} files under {info['root']} ({info['rule']}), "
+            f"{info['bytes']:,} bytes, sha256 {info['sha256']}; {info['train']:,} training / {info['test']:,} "
+            f"validation bytes{unigram}")
+
+
+def _model_text(meta: dict) -> str:
+    """``cnn (9,610 parameters)``, or for gpt its description (models.describe), parameters included."""
+    return meta.get("model_text") or f"{meta['model']} ({meta['params']:,} parameters)"
+
+
+def _target_text(meta: dict, metric: Metric) -> str:
+    if meta["target"] is None:
+        return f"No target {metric.name} (pass --target)."
+    rule = f" = {meta['target_rule']}" if meta.get("target_rule") else ""
+    return f"Target {metric.name}: {metric.format(meta['target'])}{rule}."
+
+
+def _optimizer_text(meta: dict) -> str:
+    """``SGD lr 0.1 momentum 0.9 weight decay 0.0001 (warm-up + cosine)``, with clipping/warm-up when set."""
+    warm = f"{meta['warmup']:.0%} warm-up" if meta.get("warmup") is not None else "warm-up"
+    clip = f", gradient norm clipped at {meta['clip_grad']:g}" if meta.get("clip_grad") else ""
+    return (f"SGD lr {meta['lr']} momentum {meta['momentum']} weight decay {meta['weight_decay']} "
+            f"({warm} + cosine){clip}")
+
+
+def _buckets_text(rows: list[dict]) -> str | None:
+    got = [f"{s['method']} {s['ddp_buckets']}" for s in rows if s["status"] == "ok" and s.get("ddp_buckets")]
+    if not got:
+        return None
+    return ("DDP buckets per step (after DDP's bucket rebuild following the first steps; PowerSGD runs with a "
+            "4096 MB cap: one bucket): " + ", ".join(got) + ".")
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    metric = get_metric(meta.get("metric"))
+    target = _target_text(meta, metric)
+    direction = "at or above" if metric.higher_is_better else "at or below"
+    stop = f" Each method stopped at its first evaluation {direction} the target." \
         if meta.get("stop_at_target") else ""
+    batch = meta.get("batch_text") or f"batch {meta['batch']}"
     out = [f"# cser_hooks benchmark ({meta['started']})", "",
            f"Command: `{meta['command']}`", "",
-           f"Data {meta['data']} ({info['train']} train / {info['test']} test, input {info['input_shape']}), "
-           f"model {meta['model']} ({meta['params']:,} parameters), {meta['world']} workers (gloo), "
-           f"{meta['steps']} steps of batch {meta['batch']} per worker, SGD lr {meta['lr']} momentum "
-           f"{meta['momentum']} weight decay {meta['weight_decay']} (warm-up + cosine), seed {meta['seed']}, "
-           f"network: {meta['network']}. {target}{stop}", "",
-           main_table(rows), ""]
+           f"{_data_text(meta)}, model {_model_text(meta)}, {meta['world']} workers (gloo), {meta['steps']} steps "
+           f"of {batch} per worker, {_optimizer_text(meta)}, seed {meta['seed']}, network: {meta['network']}. "
+           f"{target}{stop}", "",
+           main_table(rows, metric), ""]
+    buckets = _buckets_text(rows)
+    if buckets:
+        out += [buckets, ""]
     faster = speedups(rows)
     if faster:
         out += ["Time to target, compared:", "", *faster, ""]
@@ -185,9 +271,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
             "the bytes each rank puts on the wire under the ring model (cser_hooks/wire.py) with DDP's dense "
             "ring allreduce, 2(W-1)/W x dense: the like-for-like figure (allgather methods look about W/2 "
             "better by the handed ratio).", ""]
-    out += ["Plots: " + ", ".join(f"[{p}]({p})" for p in PLOTS), "", "Methods:", ""]
+    out += ["Plots: " + ", ".join(f"[{p}]({p})" for p in metric.plot_names()), "", "Methods:", ""]
     out += [f"- `{s['method']}`: {s['summary']}" for s in rows]
-    out += ["", "Notes: accuracy is rank 0's own model (avg-model: the rank-averaged parameters after "
+    out += ["", f"Notes: {metric.name} is rank 0's own model (avg-model: the rank-averaged parameters after "
             "training); times exclude evaluation and the one-time loading of Numba kernels; bytes are counted "
             "over the steps after the 2 warm-up steps and averaged over workers; compress/comm % are rank 0's "
             "time in the hook before it returns / "
@@ -196,59 +282,11 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(out)
 
 
-# -- plots ----------------------------------------------------------------------------------------
-
-def plots(rows: list[dict], out_dir: Path, target: float | None = None) -> list[Path]:
-    """acc_vs_step.png, acc_vs_time.png (rank 0's test accuracy) and bytes_per_step.png (log scale)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = [s for s in rows if s["status"] == "ok"]
-    paths = []
-    for fname, key, xlabel in (("acc_vs_step.png", "step", "step"),
-                               ("acc_vs_time.png", "time", "training wall time (s, evaluation excluded)")):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for s in ok:
-            ax.plot([p[key] for p in s["curve"]], [100 * p["acc"] for p in s["curve"]], label=s["method"],
-                    marker=".", markersize=4)
-        if target is not None:
-            ax.axhline(100 * target, color="grey", linestyle="--", linewidth=1, label="target")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy (%)")
-        ax.grid(alpha=0.3)
-        if ok:
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out_dir / fname, dpi=100)
-        plt.close(fig)
-        paths.append(out_dir / fname)
-    fig, ax = plt.subplots(figsize=(7, 1.0 + 0.4 * max(1, len(ok))))
-    names = [s["method"] for s in ok]
-    vals = [max(s.get("wire_bytes_per_step") or s["bytes_per_step"] or 0, 1) / 1e3 for s in ok]
-    ax.barh(names, vals)
-    ax.set_xscale("log")
-    if vals:
-        ax.set_xlim(min(vals) / 2, max(vals) * 8)
-    ax.invert_yaxis()
-    ax.set_xlabel("kB on the wire per worker per step (ring model, log scale)")
-    for y, v in enumerate(vals):
-        ax.text(v, y, f" {v:,.1f}", va="center", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "bytes_per_step.png", dpi=100)
-    plt.close(fig)
-    paths.append(out_dir / "bytes_per_step.png")
-    return paths
-
-
-# -- self-check ----------------------------------------------------------------------------------
-
 def _cells(line: str) -> list[str]:
     return [c.strip() for c in line.strip().strip("|").split("|")]
 
 
-def validate(out_dir: Path, methods: list[str]) -> list[str]:
+def validate(out_dir: Path, methods: list[str], metric: Metric = ACCURACY) -> list[str]:
     """Problems with the written report (empty list = well formed).
 
     Reads ``report.md`` back: the main table must have one row per method, every numeric cell a
@@ -260,9 +298,10 @@ def validate(out_dir: Path, methods: list[str]) -> list[str]:
     if not report.exists():
         return [f"{report} missing"]
     lines = report.read_text().splitlines()
-    head = next((i for i, line in enumerate(lines) if _cells(line) == list(MAIN_HEADER)), None)
+    header = main_header(metric)
+    head = next((i for i, line in enumerate(lines) if _cells(line) == list(header)), None)
     if head is None:
-        return [f"{report}: no results table with header {' | '.join(MAIN_HEADER)}"]
+        return [f"{report}: no results table with header {' | '.join(header)}"]
     rows = {}
     for line in lines[head + 2:]:
         if not line.startswith("|"):
@@ -280,11 +319,11 @@ def validate(out_dir: Path, methods: list[str]) -> list[str]:
         if cells[1].startswith(("failed:", "unavailable:")):
             problems.append(f"method {m} did not run: {cells[1]}")
             continue
-        if len(cells) != len(MAIN_HEADER):
-            problems.append(f"method {m}: {len(cells)} cells, expected {len(MAIN_HEADER)} "
+        if len(cells) != len(header):
+            problems.append(f"method {m}: {len(cells)} cells, expected {len(header)} "
                             f"({' | '.join(cells)})")
             continue
-        for col, cell in zip(MAIN_HEADER[1:], cells[1:]):
+        for col, cell in zip(header[1:], cells[1:]):
             if cell in optional.get(col, ()):
                 continue
             try:
@@ -293,7 +332,7 @@ def validate(out_dir: Path, methods: list[str]) -> list[str]:
                 ok = False
             if not ok:
                 problems.append(f"method {m}: column '{col}' is {cell!r}, not a finite number")
-    for p in PLOTS:
+    for p in metric.plot_names():
         path = out_dir / p
         if not path.exists() or path.stat().st_size < 1000:
             problems.append(f"plot {path} missing or empty")

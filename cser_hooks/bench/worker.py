@@ -7,9 +7,12 @@ seed) and writes ``<out_dir>/<slug>/rank<R>.json`` per method:
 
 * the training clock covers forward, backward (with the hook's communication) and
   ``optimizer.step()`` (with any step post-hook, e.g. CSER's reset); evaluation is outside it;
-* rank 0 evaluates *its own* model on the whole test set every ``eval_every`` steps (the others
-  wait in a barrier) and prints ``@@{json}`` progress lines on stdout for the launcher's bars; at
-  the end it also evaluates the rank-averaged model (for local-SGD-like methods these differ);
+* the task (:mod:`cser_hooks.bench.tasks`: classification, or byte-level language modelling for
+  ``gpt``) gives the batches, the loss and the metric (:mod:`cser_hooks.bench.metrics`);
+* rank 0 evaluates *its own* model every ``eval_every`` steps (test accuracy on the whole test set, or
+  the validation loss over the fixed validation windows; the others wait in a barrier) and prints
+  ``@@{json}`` progress lines on stdout for the launcher's bars; at the end it also evaluates the
+  rank-averaged model (for local-SGD-like methods these differ);
 * bytes: ``state.stats()`` counters (handed and ring-model wire bytes, cser_hooks/wire.py), and the
   veth's ``tx_bytes`` when ``ifname`` is set, both over
   the steady-state window ``[window_start, steps)`` (warm-up steps send dense gradients).
@@ -27,14 +30,12 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import methods as methods_mod
-from . import models
+from . import models, tasks
 
 
 def _die_with_parent() -> None:
@@ -70,20 +71,12 @@ class TxCounter:
             self._t0 = None
 
 
-def lr_factor(step: int, steps: int) -> float:
-    """Linear warm-up over 5 % of the steps, then cosine decay to 0."""
-    warm = max(1, int(0.05 * steps))
+def lr_factor(step: int, steps: int, warmup: float = 0.05) -> float:
+    """Linear warm-up over ``warmup`` (default 5 %) of the steps, then cosine decay to 0."""
+    warm = max(1, int(warmup * steps))
     if step < warm:
         return (step + 1) / warm
     return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
-
-
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    correct = 0
-    for i in range(0, len(y), 1000):
-        correct += int((model(x[i:i + 1000]).argmax(1) == y[i:i + 1000]).sum())
-    return correct / len(y)
 
 
 def _emit(obj) -> None:
@@ -129,8 +122,7 @@ def run(cfg: dict, rank: int) -> int:
     dist.init_process_group("gloo", init_method=f"tcp://{cfg['master_addr']}:{cfg['master_port']}",
                             rank=rank, world_size=world, timeout=timedelta(seconds=float(cfg["timeout_s"])))
     try:
-        with np.load(cfg["data"]) as z:
-            arrays = tuple(torch.from_numpy(z[k]) for k in ("x_train", "y_train", "x_test", "y_test"))
+        task = tasks.load(cfg)
         from cser_hooks import kernels
 
         kernels.warm_up()  # Numba's one-time kernel loading is not training time
@@ -141,7 +133,7 @@ def run(cfg: dict, rank: int) -> int:
             if rank == 0:
                 _emit({"method": name, "event": "start"})
             try:
-                result = _train(dict(cfg, method=name), rank, world, arrays)
+                result = _train(dict(cfg, method=name), rank, world, task)
             except methods_mod.MethodUnavailable as exc:
                 _write(out / f"rank{rank}.error.json", {"unavailable": True, "message": str(exc)})
                 dist.barrier()
@@ -167,19 +159,28 @@ def _write(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def _train(cfg: dict, rank: int, world: int, arrays) -> dict:
-    xtr, ytr, xte, yte = arrays
-    classes = int(max(ytr.max(), yte.max())) + 1
+def bucket_count(ddp: DDP) -> int | None:
+    """DDP's bucket count after its one rebuild (in the forward of the third step; None before it)."""
+    try:
+        sizes = ddp._get_ddp_logging_data().get("rebuilt_bucket_sizes") or ""
+    except Exception:  # a private API: absent in some torch versions
+        return None
+    return len([s for s in str(sizes).split(",") if s.strip()]) or None
+
+
+def _train(cfg: dict, rank: int, world: int, task) -> dict:
     seed = int(cfg["seed"])
     torch.manual_seed(seed)
-    model = models.build(cfg["model"], xtr.shape[1:], classes)
+    model = task.build_model()
     method = methods_mod.get(cfg["method"])
     opt_kw = {"lr": float(cfg["lr"]) * method.lr_scale, "momentum": float(cfg["momentum"]),
               "weight_decay": float(cfg["weight_decay"])}
     opt_kw.update(method.optimizer_overrides)
     opt = torch.optim.SGD(model.parameters(), **opt_kw)
     steps = int(cfg["steps"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps))
+    warmup = float(cfg["warmup"]) if cfg.get("warmup") is not None else 0.05
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup))
+    clip = cfg.get("clip_grad")
     cap = method.bucket_cap_mb if method.bucket_cap_mb is not None else float(cfg["bucket_cap_mb"])
     ddp = DDP(model, bucket_cap_mb=cap)
     state, hook = method.make(None, opt, seed=seed, block=int(cfg["block"]))
@@ -187,9 +188,8 @@ def _train(cfg: dict, rank: int, world: int, arrays) -> dict:
         ddp.register_comm_hook(state, hook)
 
     batch = int(cfg["batch"])
-    ntrain = len(ytr)
-    if ntrain // world < batch:
-        raise ValueError(f"{ntrain} training samples over {world} workers is fewer than --batch {batch} each")
+    task.check(world, batch)
+    metric = task.metric
     eval_every, window_start = int(cfg["eval_every"]), int(cfg["window_start"])
     progress_every = max(1, steps // 100)
     tx = TxCounter(cfg.get("ifname"))
@@ -205,64 +205,61 @@ def _train(cfg: dict, rank: int, world: int, arrays) -> dict:
         tx.stop()
         flag = torch.zeros(1)
         if rank == 0:
-            acc = accuracy(model, xte, yte)
-            curve.append({"step": step, "time": train_time, "acc": acc,
+            value = task.evaluate(model)
+            curve.append({"step": step, "time": train_time, metric.key: value,
                           "loss": (loss_sum / loss_n) if loss_n else None})
-            _emit({"method": cfg["method"], "step": step, "acc": acc})
-            flag[0] = float(stop_at is not None and step > 0 and acc >= stop_at)
+            _emit({"method": cfg["method"], "step": step, metric.key: value})
+            flag[0] = float(stop_at is not None and step > 0 and metric.reached(value, stop_at))
         dist.broadcast(flag, 0)
         return bool(flag[0])
 
     evaluate(0)
-    step, epoch, stopped = 0, 0, False
+    step, stopped = 0, False
+    data = task.batches(rank, world, batch, seed)
     while step < steps and not stopped:
-        g = torch.Generator().manual_seed(seed * 100003 + epoch)
-        shard = torch.randperm(ntrain, generator=g)[rank::world]
-        for i in range(0, len(shard) - batch + 1, batch):
-            if step >= steps:
-                break
-            if step == window_start:
-                stats_window0 = _snapshot(state)
-            if step >= window_start:
-                tx.start()
-            idx = shard[i:i + batch]
-            t0 = time.perf_counter()
-            loss = F.cross_entropy(ddp(xtr[idx]), ytr[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            train_time += time.perf_counter() - t0
-            loss_sum += float(loss.detach())
-            loss_n += 1
-            step += 1
-            if not math.isfinite(loss_sum):
-                raise FloatingPointError(f"training loss is not finite at step {step}: lower --lr")
-            if step % eval_every == 0 or step == steps:
-                stopped = evaluate(step)
-                loss_sum, loss_n = 0.0, 0
-                if stopped:
-                    break
-            elif rank == 0 and step % progress_every == 0:
-                _emit({"method": cfg["method"], "step": step})
-        epoch += 1
+        if step == window_start:
+            stats_window0 = _snapshot(state)
+        if step >= window_start:
+            tx.start()
+        x, y = next(data)
+        t0 = time.perf_counter()
+        loss = tasks.loss_fn(ddp(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip:  # on what the optimizer gets: the hook's output (rank-local for CSER-like methods)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), float(clip))
+        opt.step()
+        sched.step()
+        train_time += time.perf_counter() - t0
+        loss_sum += float(loss.detach())
+        loss_n += 1
+        step += 1
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(f"training loss is not finite at step {step}: lower --lr")
+        if step % eval_every == 0 or step == steps:
+            stopped = evaluate(step)
+            loss_sum, loss_n = 0.0, 0
+        elif rank == 0 and step % progress_every == 0:
+            _emit({"method": cfg["method"], "step": step})
     tx.stop()
     stats_end = _snapshot(state)
+    buckets = bucket_count(ddp)
 
     # the rank-averaged model (outside the clock): equal to every rank's model for synchronous methods
     with torch.no_grad():
         for p in model.parameters():
             dist.all_reduce(p.data)
             p.data.div_(world)
-    acc_avg = accuracy(model, xte, yte) if rank == 0 else None
+    value_avg = task.evaluate(model) if rank == 0 else None
 
     return {"rank": rank, "method": cfg["method"], "steps": step, "planned_steps": steps,
-            "stopped_at_target": stopped, "train_time": train_time,
-            "curve": curve, "acc_final": curve[-1]["acc"] if curve else None, "acc_avg": acc_avg,
+            "stopped_at_target": stopped, "train_time": train_time, "metric": metric.key,
+            "curve": curve, f"{metric.key}_final": curve[-1][metric.key] if curve else None,
+            f"{metric.key}_avg": value_avg,
             "stats_window_start": stats_window0, "stats_end": stats_end, "window_start": window_start,
             "veth_tx_window": tx.total if tx.path is not None else None,
             "params": models.count_parameters(model), "protocol": method.protocol,
-            "bucket_cap_mb": cap, "optimizer": opt_kw}
+            "bucket_cap_mb": cap, "ddp_buckets": buckets, "optimizer": opt_kw, "clip_grad": clip, "warmup": warmup}
 
 
 def main(argv=None) -> int:
