@@ -400,3 +400,13 @@ def test_cli_rejects_bad_gpt_input_before_launching(tmp_path):
     assert cli.resolve(cli.build_parser().parse_args([]))["data"] == "mnist1d"  # the default job is unchanged
     plan = cli.resolve(cli.build_parser().parse_args(["--model", "gpt"]))
     assert (plan["data"], plan["target"], plan["clip_grad"], plan["warmup"]) == ("stdlib", None, 0.25, 0.1)
+
+
+def test_parametric_cser_spread_builds_the_spread_schedule():
+    from cser_hooks.plan.by_method import describe
+
+    kind, kw = describe(methods.get("cser-spread@1/8:1/4:4"), 32)
+    assert kind == "CSERState" and kw["reset_schedule"] == "spread" and kw["period"] == 4
+    kind, kw = describe(methods.get("cser@1/8:1/4:4"), 32)
+    assert "reset_schedule" not in kw
+    assert "spread" in methods.get("m-cser-spread@1/8:1/4:4").summary

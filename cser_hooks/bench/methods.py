@@ -110,18 +110,21 @@ def _rb(ratio: str):
     return lambda block: f"random_block:ratio={ratio},block={block}"
 
 
-def _cser(r1: str, r2: str, period: int, name: str, momentum: float = 0.0) -> Method:
-    """CSER (momentum = 0: the user's SGD momentum acts on ĝ) or M-CSER (momentum > 0 in the hook)."""
+def _cser(r1: str, r2: str, period: int, name: str, momentum: float = 0.0, spread: bool = False) -> Method:
+    """CSER (momentum = 0: the user's SGD momentum acts on ĝ) or M-CSER (momentum > 0 in the hook);
+    ``spread``: reset_schedule="spread" (one H-th of the reset after every step)."""
     c2 = (lambda block: "identity") if Fraction(r2) == 1 else _rb(r2)
     c1 = (lambda block: "zero") if Fraction(r1) == 0 else _rb(r1)
     total = Fraction(r1) + Fraction(r2) / period
+    sched = {"reset_schedule": "spread"} if spread else {}
+    how = ", reset spread over the period" if spread else ""
     if momentum:
-        return Method(name, _ours("CSERState", "cser_hook", c1=c1, c2=c2, period=period, momentum=momentum),
-                      f"M-CSER rho1={r1}, rho2={r2}, H={period} (~{_frac(total)} of dense), momentum "
+        return Method(name, _ours("CSERState", "cser_hook", c1=c1, c2=c2, period=period, momentum=momentum, **sched),
+                      f"M-CSER rho1={r1}, rho2={r2}, H={period} (~{_frac(total)} of dense){how}, momentum "
                       f"{momentum} in the hook before C1 (optimizer without)",
                       optimizer_overrides=_NO_MOMENTUM)
-    return Method(name, _ours("CSERState", "cser_hook", c1=c1, c2=c2, period=period),
-                  f"CSER rho1={r1}, rho2={r2}, H={period} (~{_frac(total)} of dense)")
+    return Method(name, _ours("CSERState", "cser_hook", c1=c1, c2=c2, period=period, **sched),
+                  f"CSER rho1={r1}, rho2={r2}, H={period} (~{_frac(total)} of dense){how}")
 
 
 def _dist_ef(block: str, name: str, nesterov: bool = True) -> Method:
@@ -226,6 +229,29 @@ QUICK_DEFAULT = ("dense", "fp16", "powersgd", "cser-32")
 _RATIO = r"(\d+(?:/\d+)?|0?\.\d+)"
 
 
+def _ef_ratio(m, name: str) -> Method:
+    comp = f"rb:{m[2]}" if m[1] == "ef-rb" else f"top_k:ratio={m[2]}"
+    proto = "allreduce" if m[1] == "ef-rb" else "allgather"
+    return _ef(comp, name, f"{m[1]} at ratio {m[2]}", proto, feedback=m[1] != "topk")
+
+
+# parametric names: (pattern, build(match, name)), tried in order
+_PARAMETRIC = [
+    (rf"(m-)?cser(-spread)?@{_RATIO}:{_RATIO}:(\d+)",
+     lambda m, name: _cser(m[3], m[4], int(m[5]), name, momentum=0.9 if m[1] else 0.0, spread=bool(m[2]))),
+    (rf"(ef-topk|topk|ef-rb)@{_RATIO}", _ef_ratio),
+    (r"ef-sign@(\d+)", lambda m, name: _ef(f"sign_blockwise:block={m[1]}", name,
+                                           f"EF-SGD, scaled sign, blocks of {m[1]}", "allgather")),
+    (r"dist-ef-sgdm(-hb)?@(tensor|\d+)", lambda m, name: _dist_ef(m[2], name, nesterov=not m[1])),
+    (rf"qsparse@{_RATIO}:(\d+)", lambda m, name: _qsparse(m[1], int(m[2]), name)),
+    (r"qprsgd@(\d+)", lambda m, name: _qprsgd(int(m[1]), name)),
+    (rf"compskip@{_RATIO}:(\d+)", lambda m, name: _compskip(m[1], int(m[2]), name)),
+    (r"local-sgd@(\d+)", lambda m, name: _local_sgd(int(m[1]), name)),
+    (r"powersgd@(\d+)", lambda m, name: Method(name, _powersgd(int(m[1])), f"torch's powerSGD_hook, rank {m[1]}",
+                                                bucket_cap_mb=4096)),
+]
+
+
 def get(name: str) -> Method:
     """The entry for ``name`` (a preset or a parametric form, optionally ``~lrS``); a clear error otherwise."""
     name = name.strip()
@@ -237,38 +263,14 @@ def get(name: str) -> Method:
         return _lr_scaled(get(base), float(m[1]), name)
     if name in PRESETS:
         return PRESETS[name]
-    m = re.fullmatch(rf"(m-)?cser@{_RATIO}:{_RATIO}:(\d+)", name)
-    if m:
-        return _cser(m[2], m[3], int(m[4]), name, momentum=0.9 if m[1] else 0.0)
-    m = re.fullmatch(rf"(ef-topk|topk|ef-rb)@{_RATIO}", name)
-    if m:
-        comp = f"rb:{m[2]}" if m[1] == "ef-rb" else f"top_k:ratio={m[2]}"
-        proto = "allreduce" if m[1] == "ef-rb" else "allgather"
-        return _ef(comp, name, f"{m[1]} at ratio {m[2]}", proto, feedback=m[1] != "topk")
-    m = re.fullmatch(r"ef-sign@(\d+)", name)
-    if m:
-        return _ef(f"sign_blockwise:block={m[1]}", name, f"EF-SGD, scaled sign, blocks of {m[1]}", "allgather")
-    m = re.fullmatch(r"dist-ef-sgdm(-hb)?@(tensor|\d+)", name)
-    if m:
-        return _dist_ef(m[2], name, nesterov=not m[1])
-    m = re.fullmatch(rf"qsparse@{_RATIO}:(\d+)", name)
-    if m:
-        return _qsparse(m[1], int(m[2]), name)
-    m = re.fullmatch(r"qprsgd@(\d+)", name)
-    if m:
-        return _qprsgd(int(m[1]), name)
-    m = re.fullmatch(rf"compskip@{_RATIO}:(\d+)", name)
-    if m:
-        return _compskip(m[1], int(m[2]), name)
-    m = re.fullmatch(r"local-sgd@(\d+)", name)
-    if m:
-        return _local_sgd(int(m[1]), name)
-    m = re.fullmatch(r"powersgd@(\d+)", name)
-    if m:
-        return Method(name, _powersgd(int(m[1])), f"torch's powerSGD_hook, rank {m[1]}", bucket_cap_mb=4096)
+    for pattern, build in _PARAMETRIC:
+        m = re.fullmatch(pattern, name)
+        if m:
+            return build(m, name)
     raise SystemExit(f"unknown method {name!r}. Presets: {', '.join(PRESETS)}; parametric: cser@R1:R2:H, "
-                     f"m-cser@R1:R2:H, ef-topk@R, ef-rb@R, ef-sign@B, topk@R, local-sgd@H, powersgd@R, "
-                     f"dist-ef-sgdm@B, dist-ef-sgdm-hb@B, qsparse@R:H, qprsgd@H, compskip@R:K; any of them ~lrS "
+                     f"cser-spread@R1:R2:H, m-cser@R1:R2:H, ef-topk@R, ef-rb@R, ef-sign@B, topk@R, local-sgd@H, "
+                     f"powersgd@R, dist-ef-sgdm@B, dist-ef-sgdm-hb@B, qsparse@R:H, qprsgd@H, compskip@R:K; "
+                     f"any of them ~lrS "
                      f"(e.g. cser@1/64:1/4:16, dist-ef-sgdm@64~lr0.5)")
 
 
