@@ -138,91 +138,41 @@ def _checked(state, cls, hook_name) -> None:
                         f"with its own hook (e.g. CSERState with cser_hook)")
 
 
-class EFState(ErrorFeedback):
-    """Error feedback over a DDP process group. See :class:`~cser_hooks.algorithms.ef.ErrorFeedback`."""
-
-    __slots__ = ()
-
-    def __init__(self, process_group=None, compressor="random_block:ratio=1/32", **kw):
-        super().__init__(TorchDistCommunicator(process_group, kw.pop("progress_timeout", None)), compressor, **kw)
-
-
-class CSERState(CSER):
-    """CSER over a DDP process group. See :class:`~cser_hooks.algorithms.cser.CSER` for the knobs."""
-
-    __slots__ = ()
-
-    def __init__(self, process_group=None, c1="random_block:ratio=1/64", c2="identity", period=16, **kw):
-        super().__init__(TorchDistCommunicator(process_group, kw.pop("progress_timeout", None)), c1, c2, period, **kw)
+def _over_process_group(algorithm: type[AlgorithmState], name: str, what: str) -> type:
+    """``name(process_group=None, *args, **knobs)``: ``algorithm`` over a DDP process group (a
+    :class:`TorchDistCommunicator`; ``progress_timeout=`` is the communicator's). Positional arguments
+    and defaults are the algorithm's own."""
+    def __init__(self, process_group=None, *args, **kw):
+        algorithm.__init__(self, TorchDistCommunicator(process_group, kw.pop("progress_timeout", None)), *args, **kw)
+    doc = (f"{what} over a DDP process group. See :class:`~{algorithm.__module__}.{algorithm.__name__}` for the "
+           f"knobs; the first argument is the process group (default: the whole world).")
+    return type(name, (algorithm,), {"__slots__": (), "__init__": __init__, "__doc__": doc, "__module__": __name__,
+                                     "__qualname__": name})
 
 
-class CompSkipState(CompSkip):
-    """CompSkip over a DDP process group. See :class:`~cser_hooks.algorithms.compskip.CompSkip`."""
-
-    __slots__ = ()
-
-    def __init__(self, process_group=None, compressor="random_block:ratio=1/16", **kw):
-        super().__init__(TorchDistCommunicator(process_group, kw.pop("progress_timeout", None)), compressor, **kw)
-
-
-def ef_hook(state: EFState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """Error-feedback comm hook (docs/algorithms.md §2)."""
-    _checked(state, ErrorFeedback, "ef_hook")
-    return run_hook(state, bucket)
+def _hook(algorithm: type[AlgorithmState], name: str, doc: str):
+    """The comm hook of ``algorithm``'s DDP state: checks the state's type, then :func:`run_hook`."""
+    def hook(state: AlgorithmState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        _checked(state, algorithm, name)
+        return run_hook(state, bucket)
+    hook.__name__ = hook.__qualname__ = name
+    hook.__doc__ = doc
+    return hook
 
 
-def cser_hook(state: CSERState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """CSER comm hook (docs/algorithms.md §3): partial gradient sync; resets via the optimizer post-hook."""
-    _checked(state, CSER, "cser_hook")
-    return run_hook(state, bucket)
-
-
-def compskip_hook(state: CompSkipState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """CompSkip comm hook (docs/algorithms.md §5)."""
-    _checked(state, CompSkip, "compskip_hook")
-    return run_hook(state, bucket)
-
-
-class DistEFSGDMState(DistEFSGDM):
-    """dist-EF-SGDM over a DDP process group. See :class:`~cser_hooks.algorithms.dist_ef_sgdm.DistEFSGDM`."""
-
-    __slots__ = ()
-
-    def __init__(self, process_group=None, compressor="sign_blockwise", **kw):
-        super().__init__(TorchDistCommunicator(process_group, kw.pop("progress_timeout", None)), compressor, **kw)
-
-
-def dist_ef_sgdm_hook(state: DistEFSGDMState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """dist-EF-SGDM comm hook (docs/algorithms.md §6): momentum + two-way 1-bit error feedback; plain SGD outside."""
-    _checked(state, DistEFSGDM, "dist_ef_sgdm_hook")
-    return run_hook(state, bucket)
-
-
-class QsparseLocalSGDState(QsparseLocalSGD):
-    """Qsparse-local-SGD over a DDP process group. See :class:`~cser_hooks.algorithms.qsparse.QsparseLocalSGD`."""
-
-    __slots__ = ()
-
-    def __init__(self, process_group=None, compressor="top_k:ratio=1/64 + qsgd:s=15,scale=0.5", **kw):
-        super().__init__(TorchDistCommunicator(process_group, kw.pop("progress_timeout", None)), compressor, **kw)
-
-
-def qsparse_local_sgd_hook(state: QsparseLocalSGDState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """Qsparse-local-SGD comm hook (docs/algorithms.md §7): local steps; syncs via the optimizer post-hook."""
-    _checked(state, QsparseLocalSGD, "qsparse_local_sgd_hook")
-    return run_hook(state, bucket)
-
-
-class QPRSGDState(QPRSGD):
-    """QPRSGD over a DDP process group. See :class:`~cser_hooks.algorithms.qprsgd.QPRSGD` for the knobs."""
-
-    __slots__ = ()
-
-    def __init__(self, process_group=None, compressor="qsgd:s=15,block=64", **kw):
-        super().__init__(TorchDistCommunicator(process_group, kw.pop("progress_timeout", None)), compressor, **kw)
-
-
-def qprsgd_hook(state: QPRSGDState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """QPRSGD comm hook (docs/algorithms.md §4): local steps; quantized rounds via the optimizer post-hook."""
-    _checked(state, QPRSGD, "qprsgd_hook")
-    return run_hook(state, bucket)
+EFState = _over_process_group(ErrorFeedback, "EFState", "Error feedback")
+ef_hook = _hook(ErrorFeedback, "ef_hook", "Error-feedback comm hook (docs/algorithms.md §2).")
+CSERState = _over_process_group(CSER, "CSERState", "CSER")
+cser_hook = _hook(CSER, "cser_hook", "CSER comm hook (docs/algorithms.md §3): partial gradient sync; resets via "
+                                     "the optimizer post-hook.")
+CompSkipState = _over_process_group(CompSkip, "CompSkipState", "CompSkip")
+compskip_hook = _hook(CompSkip, "compskip_hook", "CompSkip comm hook (docs/algorithms.md §5).")
+DistEFSGDMState = _over_process_group(DistEFSGDM, "DistEFSGDMState", "dist-EF-SGDM")
+dist_ef_sgdm_hook = _hook(DistEFSGDM, "dist_ef_sgdm_hook", "dist-EF-SGDM comm hook (docs/algorithms.md §6): "
+                          "momentum + two-way 1-bit error feedback; plain SGD outside.")
+QsparseLocalSGDState = _over_process_group(QsparseLocalSGD, "QsparseLocalSGDState", "Qsparse-local-SGD")
+qsparse_local_sgd_hook = _hook(QsparseLocalSGD, "qsparse_local_sgd_hook", "Qsparse-local-SGD comm hook "
+                               "(docs/algorithms.md §7): local steps; syncs via the optimizer post-hook.")
+QPRSGDState = _over_process_group(QPRSGD, "QPRSGDState", "QPRSGD")
+qprsgd_hook = _hook(QPRSGD, "qprsgd_hook", "QPRSGD comm hook (docs/algorithms.md §4): local steps; quantized "
+                                           "rounds via the optimizer post-hook.")
