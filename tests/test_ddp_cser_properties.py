@@ -46,9 +46,33 @@ def after_reset(ranks: list, cfg: dict, s: int) -> list:
     return [r["after_backward"][s + 1] for r in ranks]
 
 
-FULL = [c["name"] for c in W.CONFIGS if c["algo"] == "cser" and c["c2"] == "identity"]
-PARTIAL = [c["name"] for c in W.CONFIGS if c["algo"] == "cser" and c["c2"].startswith("random_block")
-           and c["c1"] != "identity"]
+BURST = [c for c in W.CONFIGS if c["algo"] == "cser" and c.get("reset_schedule", "burst") == "burst"]
+FULL = [c["name"] for c in BURST if c["c2"] == "identity"]
+PARTIAL = [c["name"] for c in BURST if c["c2"].startswith("random_block") and c["c1"] != "identity"]
+SPREAD = [c["name"] for c in W.CONFIGS if c.get("reset_schedule") == "spread"]
+
+
+@pytest.mark.parametrize("name", SPREAD)
+def test_spread_reset_synchronizes_one_chunk_per_step(world, name):
+    """reset_schedule="spread": right after the reset of step s, chunk (s + 1) mod H of every bucket (its
+    C2 blocks, drawn over the chunk) is bitwise equal across replicas; the full bucket is not."""
+    world_size, runs = world
+    cfg, ranks = W.CONFIG[name], runs[name]
+    shapes = {n: t.shape for n, t in ranks[0]["init"].items()}
+    h, apart = cfg["period"], 0
+    for s in range(cfg.get("warmup_steps", 1), W.STEPS - 1):
+        layout = Layout(ranks[0]["layouts"][s], shapes)
+        snaps = after_reset(ranks, cfg, s)
+        for b in range(len(layout)):
+            flat = [layout.flat(x, b) for x in snaps]
+            n, c = flat[0].numel(), (s + 1) % h
+            lo, hi = c * n // h, (c + 1) * n // h
+            mask = torch.ones(hi - lo, dtype=torch.bool) if cfg["c2"] == "identity" else \
+                random_block_mask(hi - lo, 1 / 4, 8, cfg.get("seed", 0), s, b, "c2")
+            for f in flat[1:]:
+                assert torch.equal(f[lo:hi][mask], flat[0][lo:hi][mask]), f"{name}: step {s} bucket {b}: chunk differs"
+                apart += not torch.equal(f, flat[0])
+    assert apart > 0, f"{name}: the replicas were equal everywhere: the test could not fail"
 
 
 @pytest.mark.parametrize("name", FULL)
