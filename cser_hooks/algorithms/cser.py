@@ -53,7 +53,7 @@ from ..knobs import integer_knob, momentum_knobs
 from ..nonfinite import local_step_exchange, local_step_verdict, nonfinite_flag
 from ..state import AlgorithmState
 from .dist_ef_sgdm import check_plain_sgd
-from .model_sync import write_params
+from .model_sync import write_pieces
 
 RESET_SCHEDULES = ("burst", "spread")
 
@@ -208,13 +208,23 @@ class CSER(AlgorithmState):
     def reset_due(self, s: int) -> bool:
         return s >= self.warmup_steps and (self.reset_schedule == "spread" or (s + 1) % self.period == 0)
 
-    def reset_target(self, flat: torch.Tensor, pctx: StepContext, s: int):
-        """What the reset of step ``s`` averages in ``flat``: all of it (burst), or chunk (s + 1) mod H
-        (spread); with the C2 compressor and segments that apply to it."""
+    def reset_region(self, params, pctx: StepContext, s: int):
+        """What the reset of step ``s`` averages of this key: elements [lo, hi) of its flattened parameters,
+        all of them (burst) or chunk (s + 1) mod H (spread), as (parameter, start, stop) pieces; with the
+        C2 compressor and segments that apply to it. Only the region is copied, not the whole key."""
+        n = sum(p.numel() for p in params)
         if self.reset_schedule == "burst":
-            return flat, self.compressor_for(self.c2, pctx), pctx.segments
-        n, h, c = flat.numel(), self.period, (s + 1) % self.period
-        return flat[c * n // h:(c + 1) * n // h], self.c2, None
+            lo, hi, c2, segments = 0, n, self.compressor_for(self.c2, pctx), pctx.segments
+        else:
+            c = (s + 1) % self.period
+            lo, hi, c2, segments = c * n // self.period, (c + 1) * n // self.period, self.c2, None
+        pieces, o = [], 0
+        for p in params:
+            a, b = max(lo, o), min(hi, o + p.numel())
+            if a < b:
+                pieces.append((p, a - o, b - o))
+            o += p.numel()
+        return pieces, c2, segments
 
     def reset(self, key, s: int) -> None:
         """Average the C2-selected blocks of this key's flattened parameters over ranks (in place)."""
@@ -232,11 +242,11 @@ class CSER(AlgorithmState):
             for key in keys:
                 self._reset_done[key] = s
                 params, pctx = self.params[key]
-                flat = torch.cat([p.detach().reshape(-1) for p in params])
-                target, c2, segments = self.reset_target(flat, pctx, s)
+                pieces, c2, segments = self.reset_region(params, pctx, s)
+                target = torch.cat([p.detach().reshape(-1)[i:j] for p, i, j in pieces])
                 mk = self.mask_key(pctx, "c2", step=s)
                 values = c2.compress(target, mk, segments)[0]  # identity: target itself
-                parts.append((params, (target, segments), c2, flat, mk, values))
+                parts.append((pieces, segments, c2, target, mk, values))
             for dtype in sorted({v.dtype for *_, v in parts}, key=str):
                 group = [v for *_, v in parts if v.dtype == dtype]
                 joined = torch.cat(group) if len(group) > 1 else group[0]
@@ -246,10 +256,10 @@ class CSER(AlgorithmState):
                     for v in group:
                         v.copy_(joined[o:o + v.numel()])
                         o += v.numel()
-            for params, (target, segments), c2, flat, mk, values in parts:
+            for pieces, segments, c2, target, mk, values in parts:
                 if values is not target:
-                    c2.overwrite(values, target, mk, segments)  # target is flat or a view of it
-                write_params(params, flat)
+                    c2.overwrite(values, target, mk, segments)
+                write_pieces(pieces, target)
 
     def after_optimizer_step(self) -> None:
         s = self.step - 1

@@ -5,7 +5,7 @@ and after the optimizer step of the steps where ``sync_due(s)`` the model itself
 :class:`ModelSync` keeps, per key, the parameters and the StepContext of the key's last hook call and
 runs ``sync`` once per (key, step): from the optimizer's step post-hook when the state has the
 optimizer, else from the next step's hook before its bucket is reduced (a one-step shift).
-QPRSGD and Qsparse-local-SGD subclass it; CSER's reset uses :func:`write_params` the same way.
+QPRSGD and Qsparse-local-SGD subclass it; CSER's reset writes its region back with :func:`write_pieces`.
 """
 from __future__ import annotations
 
@@ -21,14 +21,25 @@ def flat_params(params) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1).float() for p in params])
 
 
-def write_params(params, flat: torch.Tensor) -> None:
-    """Copy ``flat`` back into the parameters, in the key's order (in place, no autograd)."""
+def write_pieces(pieces, flat: torch.Tensor) -> None:
+    """Copy ``flat`` into the (parameter, start, stop) pieces of the parameters' flattened elements, in
+    order (in place, no autograd; a non-contiguous parameter through a copy of it)."""
     o = 0
     with torch.no_grad():
-        for p in params:
-            n = p.numel()
-            p.copy_(flat[o:o + n].view_as(p))
-            o += n
+        for p, i, j in pieces:
+            part = flat[o:o + j - i]
+            if p.is_contiguous():
+                p.view(-1)[i:j].copy_(part)
+            else:
+                whole = p.reshape(-1).clone()
+                whole[i:j] = part
+                p.copy_(whole.view_as(p))
+            o += j - i
+
+
+def write_params(params, flat: torch.Tensor) -> None:
+    """Copy ``flat`` back into the parameters, in the key's order (in place, no autograd)."""
+    write_pieces([(p, 0, p.numel()) for p in params], flat)
 
 
 class ModelSync(AlgorithmState):
