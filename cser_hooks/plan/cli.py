@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overhead", type=float, default=DEFAULT_OVERHEAD,
                    help=f"protocol bytes per payload byte (default {DEFAULT_OVERHEAD}: +5.6 %% measured on the "
                         f"bench's veths, docs/bench-link-100mbit)")
+    p.add_argument("--sync", default="0us",
+                   help="fixed cost per collective beyond --latency: the ranks' arrival skew and the library's "
+                        "per-call cost (default 0). Measure it in your job as the step time of a method that "
+                        "allreduces a few bytes each step (bench: ef-rb@1/1000000) minus the step without "
+                        "communication (bench: local-sgd@100000); on 4 workers sharing 2 cores it is ~25 ms")
     p.add_argument("--compute-ms", type=float, required=True,
                    help="measured forward + backward + optimizer time of one step WITHOUT communication, ms")
     p.add_argument("--backward-share", type=float, default=0.6,
@@ -141,7 +146,7 @@ def main(argv=None) -> int:
     for n in names:
         bench_methods.get(n)  # the bench's own error for unknown names
     try:
-        link = Link.parse(args.bandwidth, args.latency, args.overhead)
+        link = Link.parse(args.bandwidth, args.latency, args.overhead, args.sync)
         work = workload_of(args)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
@@ -156,8 +161,8 @@ def main(argv=None) -> int:
     print()
     print(api.recommend(preds)[1])
     if args.extrapolate:
-        cells = api.extrapolate(work, latency=args.latency, overhead=args.overhead, methods=names, costs=costs,
-                                rank=args.rank)
+        cells = api.extrapolate(work, latency=args.latency, overhead=args.overhead, sync=args.sync, methods=names,
+                                costs=costs, rank=args.rank)
         print()
         print(grid(cells))
     return 0

@@ -2,13 +2,15 @@
 
 Per collective (ring / pairwise model, cser_hooks/wire.py):
 
-    t_coll = hops · α + wire_bytes · (1 + overhead) / B
+    t_coll = σ + hops · α + wire_bytes · (1 + overhead) / B
 
 with B the link rate per worker in bytes/s (full duplex: a rank sends and receives at B at once),
-α the per-message latency, hops = 2(W−1) for a ring allreduce, W−1 for a ring allgather and a
-pairwise all_to_all, and ``overhead`` the protocol bytes on top of the payload (TCP/IP headers,
-ACKs, gloo's framing; default 0.056, the dense row of docs/bench-link-100mbit: veth bytes +5.6 %
-over the ring model).
+α the per-message latency, σ (``sync_s``, default 0) a fixed cost per collective: the ranks' arrival
+skew and the library's per-call cost, which no byte count shows (measured as the step of a method that
+allreduces a few bytes every step minus the no-communication floor; docs/plan.md), hops = 2(W−1)
+for a ring allreduce, W−1 for a ring allgather and a pairwise all_to_all, and ``overhead`` the
+protocol bytes on top of the payload (TCP/IP headers, ACKs, gloo's framing; default 0.056, the
+dense row of docs/bench-link-100mbit: veth bytes +5.6 % over the ring model).
 
 Per step (one step plan, collectives.py), with T = compute_s (forward + backward + optimizer, measured
 without communication) and T_b = backward_share · T:
@@ -44,30 +46,33 @@ DEFAULT_OVERHEAD = 0.056   # docs/bench-link-100mbit/report.md, dense: veth tx b
 @dataclass(frozen=True)
 class Link:
     """One worker's link: ``bandwidth_bps`` bits/s each way, ``latency_s`` per message, ``overhead``:
-    protocol bytes per payload byte."""
+    protocol bytes per payload byte, ``sync_s``: fixed seconds per collective (σ, module docstring)."""
 
     bandwidth_bps: float
     latency_s: float = DEFAULT_LATENCY_S
     overhead: float = DEFAULT_OVERHEAD
+    sync_s: float = 0.0
 
     def __post_init__(self):
-        if not self.bandwidth_bps > 0 or self.latency_s < 0 or self.overhead < 0:
-            raise ValueError(f"Link: need bandwidth > 0, latency >= 0, overhead >= 0, got {self}")
+        if not self.bandwidth_bps > 0 or self.latency_s < 0 or self.overhead < 0 or self.sync_s < 0:
+            raise ValueError(f"Link: need bandwidth > 0, latency >= 0, overhead >= 0, sync >= 0, got {self}")
 
     @classmethod
-    def parse(cls, rate: str, latency: str = "50us", overhead: float = DEFAULT_OVERHEAD) -> Link:
+    def parse(cls, rate: str, latency: str = "50us", overhead: float = DEFAULT_OVERHEAD, sync: str = "0us") -> Link:
         """``Link.parse("100mbit", "50us")``: rates as tc writes them (kbit, mbit, gbit: bits/s)."""
-        return cls(netns.parse_rate(rate), parse_duration(latency), overhead)
+        return cls(netns.parse_rate(rate), parse_duration(latency), overhead, parse_duration(sync))
 
     def describe(self) -> str:
+        sync = f", {self.sync_s * 1e3:g} ms per collective" if self.sync_s else ""
         return f"{rate_text(self.bandwidth_bps)}, {self.latency_s * 1e6:g} us latency, " \
-               f"+{100 * self.overhead:g} % protocol bytes"
+               f"+{100 * self.overhead:g} % protocol bytes{sync}"
 
     def seconds(self, c: Collective, world: int, rank: int = 0) -> float:
-        """t_coll = hops · α + wire_bytes · (1 + overhead) / (B / 8)."""
+        """t_coll = σ + hops · α + wire_bytes · (1 + overhead) / (B / 8)."""
         if world <= 1:
             return 0.0
-        return c.hops(world) * self.latency_s + c.wire_bytes(world, rank) * (1 + self.overhead) * 8 / self.bandwidth_bps
+        return self.sync_s + c.hops(world) * self.latency_s + \
+            c.wire_bytes(world, rank) * (1 + self.overhead) * 8 / self.bandwidth_bps
 
 
 def parse_duration(text: str) -> float:
