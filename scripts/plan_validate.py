@@ -38,9 +38,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cser_hooks import plan  # noqa: E402
-from cser_hooks.bench import models  # noqa: E402
+from cser_hooks.bench import curves, models  # noqa: E402
 
 FLOOR = "local-sgd@100000"
+SYNC_FLOOR = "ef-rb@1/1000000"    # one allreduce of a few bytes per step: the sync cost sigma per collective
 METHODS = ("dense", "fp16", "powersgd", "ef-rb", "cser-32", "ef-topk", "dist-ef-sgdm", "qprsgd")
 LINKS = ("100mbit", "1gbit", "none")
 STEPS, EVAL_EVERY, W0 = 20, 4, 4   # window [W0, STEPS)
@@ -53,7 +54,8 @@ TOLERANCE = 0.20
 
 def run_bench(link: str, methods, out: Path, timeout_s: float) -> float:
     cmd = [sys.executable, "-m", "cser_hooks.bench", "--model", "mlp-wide", "--workers", str(WORKERS),
-           "--steps", str(STEPS), "--eval-every", str(EVAL_EVERY), "--methods", ",".join((FLOOR, *methods)),
+           "--steps", str(STEPS), "--eval-every", str(EVAL_EVERY),
+           "--methods", ",".join((FLOOR, SYNC_FLOOR, *methods)),
            "--timeout", "300", "--out", str(out)]
     if link != "none":
         cmd += ["--link", link]
@@ -65,10 +67,7 @@ def run_bench(link: str, methods, out: Path, timeout_s: float) -> float:
 
 def measured_step(row: dict) -> float | None:
     """(time@STEPS − time@W0) / (STEPS − W0) from rank 0's curve."""
-    at = {p["step"]: p["time"] for p in row.get("curve", [])}
-    if W0 not in at or STEPS not in at:
-        return None
-    return (at[STEPS] - at[W0]) / (STEPS - W0)
+    return curves.step_time(row, W0, STEPS)
 
 
 def window_prediction(name: str, work, link, costs) -> tuple[float, float, float]:
@@ -83,13 +82,23 @@ def window_prediction(name: str, work, link, costs) -> tuple[float, float, float
     return t, wire, pred.compress_s
 
 
-def fit_bandwidth(dense_step: float, floor: float, work, latency_s: float) -> float:
+def sync_cost(sync_step: float | None, floor: float, work, link) -> float:
+    """σ: the sync floor's measured step − the floor − the modelled time of its own tiny allreduce (>= 0;
+    0 where the sync floor did not run)."""
+    if sync_step is None:
+        return 0.0
+    tr = plan.traffic(SYNC_FLOOR, work, WORKERS)
+    own = sum(link.seconds(c, WORKERS) for c in tr.regular.collectives)
+    return max(0.0, sync_step - floor - own)
+
+
+def fit_bandwidth(dense_step: float, floor: float, work, latency_s: float, sync_s: float = 0.0) -> float:
     """Effective bits/s that makes dense's modelled step equal the measured one (one bucket, ready at the
-    end of the backward pass: step = floor + hops·α + wire·8/B)."""
+    end of the backward pass: step = floor + σ + hops·α + wire·8/B)."""
     tr = plan.traffic("dense", work, WORKERS)
     wire = tr.regular.wire_bytes(WORKERS)
     hops = sum(c.hops(WORKERS) for c in tr.regular.collectives)
-    comm = dense_step - floor - hops * latency_s
+    comm = dense_step - floor - hops * latency_s - sync_s * len(tr.regular.collectives)
     if comm <= 0:
         raise ValueError(f"dense is not slower than the floor ({dense_step:.4f} s vs {floor:.4f} s): cannot fit")
     return wire * 8 / comm
@@ -105,14 +114,17 @@ def analyse(results: dict[str, dict], work_of, costs) -> list[dict]:
         work = work_of(floor)
         lat = plan.parse_duration(LATENCY)
         dense_meas = measured_step(by["dense"]) if "dense" in by else None
-        fitted_bps = fit_bandwidth(dense_meas, floor, work, lat) if dense_meas else None
-        if link_name == "none":
-            nominal = None
-            primary = plan.Link(fitted_bps, lat, 0.0)
+        sync_meas = measured_step(by[SYNC_FLOOR]) if SYNC_FLOOR in by else None
+        nominal = None if link_name == "none" else plan.Link.parse(link_name, LATENCY)
+        sync_s = sync_cost(sync_meas, floor, work, nominal or plan.Link(1e12, lat, 0.0))
+        fitted_bps = fit_bandwidth(dense_meas, floor, work, lat, sync_s) if dense_meas else None
+        if nominal is None:
+            primary = plan.Link(fitted_bps, lat, 0.0, sync_s)
         else:
-            nominal = plan.Link.parse(link_name, LATENCY)
+            nominal = plan.Link(nominal.bandwidth_bps, nominal.latency_s, nominal.overhead, sync_s)
             primary = nominal
-        fitted = plan.Link(fitted_bps, lat, 0.0) if fitted_bps else None
+        fitted = plan.Link(fitted_bps, lat, 0.0, sync_s) if fitted_bps else None
+        unsynced = plan.Link(primary.bandwidth_bps, primary.latency_s, primary.overhead, 0.0)
         for name in METHODS:
             if name not in by:
                 rows.append({"link": link_name, "method": name, "status": "not run / failed"})
@@ -122,9 +134,12 @@ def analyse(results: dict[str, dict], work_of, costs) -> list[dict]:
             st = by[name].get("stats_rank0") or {}
             comp_meas = st["compress_seconds"] / by[name]["steps"] if st.get("compress_seconds") is not None else None
             alt = window_prediction(name, work, fitted, costs)[0] if fitted and nominal else None
+            bare = window_prediction(name, work, unsynced, costs)[0]
             rows.append({"link": link_name, "method": name, "status": "ok", "floor_s": floor, "measured_s": meas,
                          "predicted_s": pred, "error": (pred - meas) / meas if meas else None,
                          "predicted_fitted_s": alt, "error_fitted": (alt - meas) / meas if alt and meas else None,
+                         "sync_s": sync_s, "sync_floor_s": sync_meas,
+                         "error_no_sync": (bare - meas) / meas if meas else None,
                          "compress_pred_s": comp, "compress_meas_s": comp_meas,
                          "wire_pred": wire, "wire_meas": by[name].get("wire_bytes_per_step"),
                          "veth": by[name].get("veth_bytes_per_step"),
@@ -161,7 +176,8 @@ def report(rows: list[dict], meta: dict) -> str:
            f"ran at the same time, so the measured figures are noisy** (one run each, no repetition).", "",
            f"Command: `{meta['command']}` ({meta['wall_s']:.0f} s wall). Per link one benchmark run: "
            f"`python -m cser_hooks.bench --model mlp-wide --workers {WORKERS} --steps {STEPS} --eval-every "
-           f"{EVAL_EVERY} --methods {FLOOR},{','.join(METHODS)} [--link RATE]` (mlp-wide: 5,370,378 parameters, "
+           f"{EVAL_EVERY} --methods {FLOOR},{SYNC_FLOOR},{','.join(METHODS)} [--link RATE]` "
+           f"(mlp-wide: 5,370,378 parameters, "
            f"one 21.5 MB DDP bucket, 4 gloo workers, batch 32). Measured step = rank 0's training clock "
            f"(time@{STEPS} − time@{W0}) / {STEPS - W0} (evaluation is outside the clock; the window holds one "
            f"cser-32 reset and four qprsgd rounds, and the prediction counts exactly those).", "",
@@ -171,19 +187,23 @@ def report(rows: list[dict], meta: dict) -> str:
            "times of docs/bench-default, 50 us latency per hop. Links: 100mbit and 1gbit at their nominal "
            "rate with +5.6 % protocol bytes (no constant fitted); the unshaped loopback has no nominal rate, "
            "so **one constant, its effective bandwidth, is fitted on dense** (dense's error there is 0 by "
-           "construction). `fitted` columns: the same fit applied to the shaped links, for information only.",
+           "construction). `fitted` columns: the same fit applied to the shaped links, for information only. "
+           f"σ, the fixed cost per collective (`Link.sync_s`, `--sync`), is measured per link in the same workers: "
+           f"the sync floor `{SYNC_FLOOR}` (one allreduce of a few bytes per step) − the floor − its own "
+           "modelled allreduce; `error without σ` shows the same prediction with σ = 0.",
            "", f"**{within} of {len(ok)} predictions within ±{100 * TOLERANCE:.0f} %.**", "",
            "| link | method | floor ms | measured ms/step | predicted ms/step | error | predicted (fitted bw) | "
-           "error (fitted) | wire MB/step predicted | wire MB/step stats() | veth MB/step |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "error (fitted) | error without σ | wire MB/step predicted | wire MB/step stats() | veth MB/step |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r["status"] != "ok":
-            out.append(f"| {r['link']} | {r['method']} | {r['status']} |" + " |" * 8)
+            out.append(f"| {r['link']} | {r['method']} | {r['status']} |" + " |" * 9)
             continue
         f = lambda x, k=1e3, d=1: "n/a" if x is None else f"{x * k:.{d}f}"  # noqa: E731
         out.append(f"| {r['link']} | {r['method']} | {f(r['floor_s'])} | {f(r['measured_s'])} | "
                    f"{f(r['predicted_s'])} | {pct(r['error'])} | {f(r['predicted_fitted_s'])} | "
-                   f"{pct(r['error_fitted'])} | {f(r['wire_pred'], 1e-6, 3)} | {f(r['wire_meas'], 1e-6, 3)} | "
+                   f"{pct(r['error_fitted'])} | {pct(r.get('error_no_sync'))} | {f(r['wire_pred'], 1e-6, 3)} | "
+                   f"{f(r['wire_meas'], 1e-6, 3)} | "
                    f"{f(r['veth'], 1e-6, 3)} |")
     out += ["", "Compression time per step, predicted (kernel table x 4 + host time) vs rank 0's `compress_seconds` "
             "/ steps from stats() (time inside the hook before it returns; whole run, the first steps included; "
@@ -193,6 +213,10 @@ def report(rows: list[dict], meta: dict) -> str:
         if r["status"] == "ok" and r["method"] != "dense":
             f = lambda x: "n/a" if x is None else f"{1e3 * x:.1f}"  # noqa: E731
             out.append(f"| {r['link']} | {r['method']} | {f(r['compress_pred_s'])} | {f(r['compress_meas_s'])} |")
+    sync = {r["link"]: r["sync_s"] for r in rows if r["status"] == "ok" and r.get("sync_s") is not None}
+    if sync:
+        out += ["", "σ measured per link (ms per collective): " +
+                ", ".join(f"{k}: {1e3 * v:.1f}" for k, v in sync.items()) + "."]
     fits = {r["link"]: r["fitted_bps"] for r in rows if r["status"] == "ok" and r.get("fitted_bps")}
     out += ["", "Effective bandwidth fitted on dense (bits/s of ring-model payload): " +
             ", ".join(f"{k}: {v / 1e6:.0f} Mbit/s" for k, v in fits.items()) + ".", ""]

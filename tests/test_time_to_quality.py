@@ -1,0 +1,91 @@
+"""scripts/time_to_quality.py: the estimate S x T, its bounds and speedups, on constructed bench results."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("time_to_quality", REPO / "scripts" / "time_to_quality.py")
+ttq = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ttq)
+
+
+def row(method, step_s=None, steps=100, reach=None, final=2.9, first_step_s=None):
+    """A bench results.json method row: a curve every 4 steps at step_s per step (the first 4 steps at
+    first_step_s), reaching the target at step `reach` (None: never)."""
+    step_s = step_s or 1.0
+    first = first_step_s or step_s
+    curve = [{"step": s, "time": first * min(s, 4) + step_s * max(0, s - 4), "val_loss": 3.0}
+             for s in range(0, steps + 1, 4)]
+    hit = next((p for p in curve if reach is not None and p["step"] >= reach), None)
+    return {"method": method, "status": "ok", "steps": steps, "metric": "val_loss", "val_loss_final": final,
+            "curve": curve, "steps_to_target": hit["step"] if hit else None,
+            "time_to_target": hit["time"] if hit else None, "wire_ratio": 1.0}
+
+
+def results(*rows, target=2.87):
+    return {"meta": {"command": "bench", "target": target, "metric": "val_loss"}, "methods": list(rows)}
+
+
+def test_period_and_link_steps_cover_two_reset_periods():
+    assert ttq.period_of("cser-32") == 16 and ttq.period_of("m-cser") == 16
+    assert ttq.period_of("cser@1/32:1/2:8") == 8 and ttq.period_of("cser-spread@1/8:1/4:40") == 40
+    assert ttq.period_of("cser-256-paper") == 32 and ttq.period_of("dense") == 0
+    assert ttq.period_of("powersgd-r4") == 0
+    assert ttq.link_steps(["dense"], None) == ttq.MIN_LINK_STEPS
+    assert ttq.link_steps(["dense", "cser-spread@1/8:1/4:40"], None) == 84   # 4 + 2 x 40
+    assert ttq.link_steps(["dense", "cser@1/8:1/4:41"], None) == 88          # 86 rounded up to a multiple of 4
+    assert ttq.link_steps(["dense"], 50) == 52
+
+
+def test_step_time_excludes_the_first_steps():
+    r = row("dense", step_s=2.0, steps=36, first_step_s=9.0)
+    assert ttq.step_time(r) == pytest.approx(2.0)
+    assert ttq.step_time({"curve": [{"step": 0, "time": 0.0}]}) is None
+
+
+def test_estimate_speedups_and_bounds():
+    conv = results(row("dense", reach=80), row("powersgd-r1", reach=None), row("powersgd-r4", reach=100),
+                   row("cser-32", reach=60))
+    link = results(row("dense", 6.0, 36), row("powersgd-r1", 1.0, 36), row("powersgd-r4", 1.5, 36),
+                   row("cser-32", 1.2, 36))
+    rows = {r["method"]: r for r in ttq.analyse(conv, {"100mbit": link})}
+    assert rows["dense"]["ttq_s"] == pytest.approx(80 * 6.0) and not rows["dense"]["bound"]
+    assert rows["cser-32"]["ttq_s"] == pytest.approx(60 * 1.2)
+    assert rows["cser-32"]["vs_dense"] == pytest.approx(480 / 72) and rows["cser-32"]["vs_dense_kind"] == "="
+    # r1 never reached the target: a lower bound 100 x 1.0; r4 reached it: the best PowerSGD is r4, exact
+    assert rows["powersgd-r1"]["bound"] and rows["powersgd-r1"]["ttq_s"] == pytest.approx(100.0)
+    assert rows["cser-32"]["vs_powersgd"] == pytest.approx(150 / 72)
+    assert rows["cser-32"]["vs_powersgd_kind"] == "="
+    # dense / a bound is an upper bound on the speedup
+    assert rows["powersgd-r1"]["vs_dense"] == pytest.approx(4.8) and rows["powersgd-r1"]["vs_dense_kind"] == "<"
+    assert rows["powersgd-r1"]["vs_powersgd"] is None    # PowerSGD rows are not compared with themselves
+
+
+def test_validate_flags_an_estimate_off_by_more_than_15_percent():
+    conv = results(row("dense", reach=40), row("cser-32", reach=20))
+    link = results(row("dense", 2.0, 36), row("cser-32", 1.0, 36))
+    full = results(row("dense", 2.0, 100, reach=40), row("cser-32", 1.3, 100, reach=20))
+    checks = {c["method"]: c for c in ttq.validate(conv, {"100mbit": link}, {"100mbit": full})}
+    assert checks["dense"]["within"] and checks["dense"]["error"] == pytest.approx(0.0)
+    assert not checks["cser-32"]["within"]
+    assert checks["cser-32"]["error"] == pytest.approx(20 / 26 - 1)
+
+
+def test_from_results_writes_the_report(tmp_path):
+    for sub, res in {"converge": results(row("dense", reach=80), row("cser-32", reach=None)),
+                     "link-100mbit": results(row("dense", 6.0, 36), row("cser-32", 1.0, 36))}.items():
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "results.json").write_text(json.dumps(res))
+    (tmp_path / "discussion.md").write_text("## Why\nbecause")
+    out = tmp_path / "out"
+    assert ttq.main(["--from-results", str(tmp_path), "--links", "100mbit", "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "| cser-32 | 1.0 | 2.900 | not in 100 | 1.000 | >100 | < 4.80x | n/a |" in text
+    assert "| dense | 1.0 | 2.900 | 80 | 6.000 | 480 | 1.00x | n/a |" in text
+    assert text.rstrip().endswith("because")
+    with pytest.raises(SystemExit, match="must include dense"):
+        ttq.main(["--from-results", str(tmp_path), "--methods", "cser-32", "--out", str(out)])
