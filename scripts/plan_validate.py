@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -38,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cser_hooks import plan  # noqa: E402
-from cser_hooks.bench import curves, models  # noqa: E402
+from cser_hooks.bench import curves, models, report_dir  # noqa: E402
 
 FLOOR = "local-sgd@100000"
 SYNC_FLOOR = "ef-rb@1/1000000"    # one allreduce of a few bytes per step: the sync cost sigma per collective
@@ -148,21 +147,6 @@ def analyse(results: dict[str, dict], work_of, costs) -> list[dict]:
     return rows
 
 
-def machine() -> str:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-
-    return (f"{platform.machine()}, {cpu}, {os.cpu_count()} logical cores, {platform.system()} "
-            f"{platform.release()}, Python {platform.python_version()}, torch {torch.__version__}")
-
-
 def pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:+.1f} %"
 
@@ -234,12 +218,11 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     links = [x.strip() for x in args.links.split(",") if x.strip()]
-    meta_path = out / "validation.json"
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     t0 = time.monotonic()
     if args.from_results:
         src = Path(args.from_results)
-        meta = json.loads((src / "validation.json").read_text())["meta"] if (src / "validation.json").exists() else {}
+        meta = report_dir.load_meta(src, "validation.json")
     else:
         src = out
         for link in links:
@@ -249,7 +232,8 @@ def main(argv=None) -> int:
                 shutil.rmtree(bench_out / junk, ignore_errors=True)
             for png in bench_out.glob("*.png"):
                 png.unlink()
-        meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "load_before": load_before,
+        meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": report_dir.machine(),
+                "load_before": load_before,
                 "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg()), "wall_s": time.monotonic() - t0,
                 "command": "python scripts/plan_validate.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     results = {}
@@ -260,11 +244,8 @@ def main(argv=None) -> int:
     module = models.build("mlp-wide", (40,), 10)
     costs = plan.load_costs(slowdown=SLOWDOWN)
     rows = analyse(results, lambda floor: plan.from_module(module, floor), costs)
-    discussion_path = out / "discussion.md"
-    meta["discussion"] = discussion_path.read_text().splitlines() if discussion_path.exists() else []
-    (out / "report.md").write_text(report(rows, meta))
-    meta_out = {k: v for k, v in meta.items() if k != "discussion"}
-    meta_path.write_text(json.dumps({"meta": meta_out, "rows": rows}, indent=1))
+    meta["discussion"] = report_dir.discussion(src)
+    report_dir.write(out, report(rows, meta), "validation.json", meta, rows=rows)
     for r in rows:
         if r["status"] == "ok":
             print(f"{r['link']:>8} {r['method']:>14}  measured {1e3 * r['measured_s']:8.1f} ms  predicted "

@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cser_hooks.bench import curves  # noqa: E402
+from cser_hooks.bench import curves, report_dir  # noqa: E402
 
 FLOOR, SYNC_FLOOR = "local-sgd@100000", "ef-rb@1/1000000"
 STEPS, W0, EVAL_EVERY, BATCH = 68, 4, 4, 64
@@ -90,12 +90,6 @@ def report(rows: list[dict], meta: dict) -> str:
     return "\n".join(out + meta.get("discussion", [])) + "\n"
 
 
-def machine() -> str:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), "?") if Path("/proc/cpuinfo").exists() else "?"
-    return f"{cpu}, {os.cpu_count()} logical cores"
-
-
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -109,8 +103,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     src = Path(args.from_results) if args.from_results else out
-    meta_path = src / "step_times.json"
-    meta = json.loads(meta_path.read_text())["meta"] if args.from_results and meta_path.exists() else {}
+    meta = report_dir.load_meta(src, "step_times.json") if args.from_results else {}
     t0 = time.monotonic()
     if not args.from_results:
         for link in links:
@@ -122,15 +115,13 @@ def main(argv=None) -> int:
             print("$ " + " ".join(cmd[1:]), flush=True)
             subprocess.run(cmd, cwd=REPO, check=False, timeout=args.timeout * (len(chosen) + 2))
             shutil.rmtree(out / f"bench-{link}" / "logs", ignore_errors=True)
-        meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "wall_s": time.monotonic() - t0,
+        meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": report_dir.machine(),
+                "wall_s": time.monotonic() - t0,
                 "load_after": os.getloadavg()[0], "command": "python scripts/step_times.py " + " ".join(argv)}
     results = {x: json.loads(p.read_text()) for x in links if (p := src / f"bench-{x}" / "results.json").exists()}
     rows = analyse(results)
-    disc = src / "discussion.md"
-    meta["discussion"] = disc.read_text().splitlines() if disc.exists() else []
-    (out / "report.md").write_text(report(rows, meta))
-    (out / "step_times.json").write_text(json.dumps({"meta": {k: v for k, v in meta.items() if k != "discussion"},
-                                                     "rows": rows}, indent=1))
+    meta["discussion"] = report_dir.discussion(src)
+    report_dir.write(out, report(rows, meta), "step_times.json", meta, rows=rows)
     for r in rows:
         print(f"{r['link']:>8} {r['method']:>28} {1e3 * r['step_s']:8.1f} ms  floor {_x(r['vs_floor'])}  "
               f"dense {_x(r['vs_dense'])}  {'' if r['pass'] is None else ('ok' if r['pass'] else 'MISS')}")

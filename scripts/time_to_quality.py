@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -40,7 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cser_hooks.bench import curves  # noqa: E402
+from cser_hooks.bench import curves, report_dir  # noqa: E402
 
 W0 = 4                 # the step-time window starts after DDP's bucket rebuild and the first steps
 MIN_LINK_STEPS = 36    # W0 + 32: two periods of cser-32 (H = 16)
@@ -204,12 +203,6 @@ def load(path: Path) -> dict | None:
     return json.loads(p.read_text()) if p.exists() else None
 
 
-def machine() -> str:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), "?") if Path("/proc/cpuinfo").exists() else "?"
-    return f"{cpu}, {os.cpu_count()} logical cores"
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="gpt", help="the bench's --model (default gpt)")
@@ -245,8 +238,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     n_link = link_steps(methods, args.link_steps)
     t0 = time.monotonic()
-    meta_path = src / "ttq.json"
-    meta = json.loads(meta_path.read_text())["meta"] if args.from_results and meta_path.exists() else {}
+    meta = report_dir.load_meta(src, "ttq.json") if args.from_results else {}
     if not args.from_results:
         common = ["--model", args.model, "--methods", ",".join(methods), *extra]
         conv_args = [*common, *(["--steps", str(args.steps)] if args.steps else []),
@@ -263,7 +255,8 @@ def main(argv=None) -> int:
                 target = conv["meta"]["target"]
                 run_bench([*conv_args, "--link", link, "--stop-at-target", "--target", str(target)],
                           out / f"full-{link}", args.timeout)
-        meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "wall_s": time.monotonic() - t0,
+        meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": report_dir.machine(),
+                "wall_s": time.monotonic() - t0,
                 "link_steps": n_link, "command": "python scripts/time_to_quality.py " + " ".join(argv)}
     conv = load(src / "converge")
     if conv is None:
@@ -272,11 +265,8 @@ def main(argv=None) -> int:
     full_res = {x: r for x in links if (r := load(src / f"full-{x}")) is not None}
     rows = analyse(conv, link_res)
     checks = validate(conv, link_res, full_res)
-    disc = src / "discussion.md"
-    meta["discussion"] = disc.read_text().splitlines() if disc.exists() else []
-    (out / "report.md").write_text(report(conv, rows, checks, meta))
-    (out / "ttq.json").write_text(json.dumps({"meta": {k: v for k, v in meta.items() if k != "discussion"},
-                                              "rows": rows, "checks": checks}, indent=1))
+    meta["discussion"] = report_dir.discussion(src)
+    report_dir.write(out, report(conv, rows, checks, meta), "ttq.json", meta, rows=rows, checks=checks)
     for r in rows:
         print(f"{r['link']:>8} {r['method']:>16}  S={r['steps_to_target']}  T={r['step_s']}  "
               f"ttq={_t(r['ttq_s'], r['bound'])} s  dense/this={_ratio(r['vs_dense'], r['vs_dense_kind'])}")
