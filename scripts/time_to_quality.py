@@ -218,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validate", action="store_true",
                    help="also a full run under each link with --stop-at-target, compared with the estimate")
     p.add_argument("--out", default=str(REPO / "reports" / "ttq"), help="report directory (default %(default)s)")
+    p.add_argument("--reuse-converge", action="store_true",
+                   help="keep OUT/converge/results.json of an earlier run (it does not depend on the link) and "
+                        "run only the link runs")
     p.add_argument("--from-results", metavar="DIR",
                    help="re-analyse DIR/converge, DIR/link-<rate> (and DIR/full-<rate>) without running")
     p.add_argument("--timeout", type=float, default=7200, help="seconds per bench run (default %(default)s)")
@@ -244,7 +247,8 @@ def main(argv=None) -> int:
         conv_args = [*common, *(["--steps", str(args.steps)] if args.steps else []),
                      *(["--eval-every", str(args.eval_every)] if args.eval_every else []),
                      *(["--target", str(args.target)] if args.target is not None else [])]
-        run_bench(conv_args, out / "converge", args.timeout)
+        if not (args.reuse_converge and load(out / "converge") is not None):
+            run_bench(conv_args, out / "converge", args.timeout)
         conv = load(out / "converge")
         if conv is None:
             raise SystemExit("the convergence run wrote no results.json")

@@ -89,3 +89,23 @@ def test_from_results_writes_the_report(tmp_path):
     assert text.rstrip().endswith("because")
     with pytest.raises(SystemExit, match="must include dense"):
         ttq.main(["--from-results", str(tmp_path), "--methods", "cser-32", "--out", str(out)])
+
+
+def test_reuse_converge_runs_only_the_link_runs(tmp_path, monkeypatch):
+    (tmp_path / "converge").mkdir()
+    (tmp_path / "converge" / "results.json").write_text(json.dumps(results(row("dense", reach=8, steps=8))))
+    calls = []
+
+    def fake_bench(args_list, out, timeout):   # records the bench command lines instead of training
+        calls.append((out.name, args_list))
+        out.mkdir(exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results(row("dense", 2.0, 36))))
+
+    monkeypatch.setattr(ttq, "run_bench", fake_bench)
+    assert ttq.main(["--methods", "dense", "--links", "100mbit,1gbit", "--out", str(tmp_path),
+                     "--reuse-converge"]) == 0
+    assert [c[0] for c in calls] == ["link-100mbit", "link-1gbit"]
+    assert calls[0][1][-2:] == ["--link", "100mbit"] and "--steps" in calls[0][1]
+    calls.clear()
+    assert ttq.main(["--methods", "dense", "--links", "100mbit", "--out", str(tmp_path)]) == 0
+    assert [c[0] for c in calls] == ["converge", "link-100mbit"]   # without the flag: the run again
