@@ -35,7 +35,7 @@ from cser_hooks.bench import curves, report_dir  # noqa: E402
 FLOOR, SYNC_FLOOR = "local-sgd@100000", "ef-rb@1/1000000"
 STEPS, W0, EVAL_EVERY, BATCH = 68, 4, 4, 64
 METHODS = {
-    "100mbit": ("dense", "cser-256-paper", "cser-spread@1/512:1/16:32", "cser-32", "cser-spread@1/64:1/4:16",
+    "100mbit": ("cser-256-paper", "cser-spread@1/512:1/16:32", "cser-32", "cser-spread@1/64:1/4:16",
                 "powersgd"),
     "none": ("dense", "fp16", "powersgd", "cser-32", "cser-256-paper", "m-cser", "ef-rb", "ef-topk",
              "dist-ef-sgdm", "qsparse", "qprsgd", "compskip"),

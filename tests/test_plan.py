@@ -47,29 +47,34 @@ def test_link_time_by_hand():
     assert plan.Link(100e6, 50e-6, 0.10).seconds(plan.Collective("allreduce", 1_000_000), 4) == \
         pytest.approx(0.1323)
     assert plan.Link.parse("1gbit", "1ms").bandwidth_bps == 1e9 and plan.parse_duration("50us") == 50e-6
-    # a fixed 20 ms per collective (sync_s), whatever its bytes and hops
+    # sync_s (σ) is a per-step cost: step_time adds it, the collective's own time does not hold it
     synced = plan.Link.parse("100mbit", "50us", 0.0, sync="20ms")
-    assert synced.sync_s == pytest.approx(0.02) and "20 ms per collective" in synced.describe()
-    assert synced.seconds(plan.Collective("allreduce", 1_000_000), 4) == pytest.approx(0.1403)
-    assert synced.seconds(plan.Collective("allgather", 0), 4) == pytest.approx(0.02 + 3 * 50e-6)
-    assert synced.seconds(plan.Collective("allreduce", 1_000_000), 1) == 0.0   # one rank: no collective
+    assert synced.sync_s == pytest.approx(0.02) and "20 ms sync per step" in synced.describe()
+    assert synced.seconds(plan.Collective("allreduce", 1_000_000), 4) == pytest.approx(0.1203)
     with pytest.raises(ValueError, match="sync >= 0"):
         plan.Link(100e6, sync_s=-1.0)
 
 
-def test_sync_cost_counts_once_per_collective_in_the_step():
+def test_sync_cost_is_paid_once_per_communicating_step():
     # ef-rb: one allreduce per bucket; two buckets ready during the backward pass (the first at half of it)
     work = plan.from_bucket_sizes([250_000, 250_000], compute_s=1.0)
     base = plan.estimate(work, BARE_100M, 4, methods=["ef-rb@1/8"])[1]
     synced = plan.estimate(work, plan.Link(100e6, 0.0, 0.0, sync_s=0.3), 4, methods=["ef-rb@1/8"])[1]
-    x = base.comm_s / 2                 # one bucket's allreduce without sync: 1/8 of 1 MB x 1.5 / 12.5e6 B/s
+    x = base.comm_s / 2                 # one bucket's allreduce: 1/8 of 1 MB x 1.5 / 12.5e6 B/s = 15 ms
     assert base.collectives == 2 and x == pytest.approx(0.015, rel=0.05)
-    assert synced.comm_s == pytest.approx(base.comm_s + 2 * 0.3)
-    # T_b = 0.6 s; bucket 0 ready at 0.3 s ends at 0.3 + 0.3 + x, bucket 1 (ready at 0.6) starts after it and
-    # ends at 0.6 + 2 (0.3 + x): exposed 0.3 + 2x (without sync: bucket 1 ends at 0.6 + x, exposed x)
+    assert synced.comm_s == pytest.approx(base.comm_s + 0.3)        # once, on bucket 0's collective
+    # T_b = 0.6 s; bucket 0 ready at 0.3 s ends at 0.3 + 0.3 + x; bucket 1 (ready at 0.6) starts after it
+    # and ends at 0.6 + 2x: exposed 2x (without σ: bucket 1 ends at 0.6 + x, exposed x)
     assert base.exposed_s == pytest.approx(x)
-    assert synced.exposed_s == pytest.approx(0.3 + 2 * x)
-    assert synced.step_s - base.step_s == pytest.approx(0.3 + x)
+    assert synced.exposed_s == pytest.approx(2 * x)
+    # a step without a collective pays nothing: local SGD's regular step; its sync step pays σ once
+    local = plan.estimate(work, plan.Link(100e6, 0.0, 0.0, sync_s=0.3), 4, methods=["local-sgd@4"])[1]
+    plain = plan.estimate(work, BARE_100M, 4, methods=["local-sgd@4"])[1]
+    assert local.regular_s == pytest.approx(plain.regular_s)
+    assert local.event_s == pytest.approx(plain.event_s + 0.3)
+    # one rank: no collective, no σ
+    solo = plan.estimate(work, plan.Link(100e6, 0.0, 0.0, sync_s=0.3), 1, methods=["ef-rb@1/8"])[1]
+    assert solo.step_s == pytest.approx(plan.estimate(work, BARE_100M, 1, methods=["ef-rb@1/8"])[1].step_s)
 
 
 def test_dense_step_of_a_1mb_model_at_100mbit_by_hand():
@@ -174,9 +179,13 @@ def test_gain_line_by_hand():
     # with W = 4 and 1 ms latency: + 1 collective x 6 hops x 1 ms on both sides
     line = plan.gain_line(stats, plan.Link(100e6, 1e-3, 0.0), 0.05, world_size=4)
     assert "146.0 ms/step vs dense 856.0 ms" in line
-    # + 5 ms per collective (sync_s): one collective per step on both sides
+    # + σ = 5 ms per communicating step (sync_s): one collective per step on both sides
     line = plan.gain_line(stats, plan.Link(100e6, 1e-3, 0.0, sync_s=5e-3), 0.05, world_size=4)
     assert "151.0 ms/step vs dense 861.0 ms" in line
+    # a method that communicates every 4th step pays a quarter of σ per step on average
+    sparse = {**stats, "collectives_total": 2.5}
+    line = plan.gain_line(sparse, plan.Link(100e6, 0.0, 0.0, sync_s=4e-3), 0.05)
+    assert "141.0 ms/step vs dense 854.0 ms" in line
 
 
 # -- predicted bytes == stats() of real gloo ranks ---------------------------------------------------

@@ -89,18 +89,19 @@ def gain_line(stats: Mapping, link: Link | str, compute_s: float, world_size: in
     """A one-line log, from a state's ``stats()``: predicted step on ``link`` vs dense allreduce.
 
     Per step (totals / ``step``): method = compute_s + compress_seconds + wire_bytes·(1+overhead)/B
-    + collectives · (σ [+ 2(W−1) · α when ``world_size`` is given]); dense = compute_s + dense_wire_bytes ·
-    (1+overhead)/B + dense_collectives · (σ [+ 2(W−1) · α]). No overlap (conservative for both), wire bytes
+    + σ · min(1, collectives per step) [+ collectives · 2(W−1) · α when ``world_size`` is given]; dense
+    = compute_s + dense_wire_bytes · (1+overhead)/B + σ [+ dense_collectives · 2(W−1) · α]. No overlap (conservative for both), wire bytes
     from the state's own ring model (cser_hooks/wire.py); totals include the warm-up step."""
     link = Link.parse(link) if isinstance(link, str) else link
     steps = max(1, int(stats.get("step") or 1))
     bps = link.bandwidth_bps / 8 / (1 + link.overhead)
-    per_collective = link.sync_s + (2 * (world_size - 1) * link.latency_s if world_size else 0.0)
+    hops = 2 * (world_size - 1) * link.latency_s if world_size else 0.0
     wire_b = stats.get("wire_bytes_total", 0) / steps
     dense_b = stats.get("dense_wire_bytes_total", 0) / steps
     comp = (stats.get("compress_seconds") or 0.0) / steps
-    t = compute_s + comp + wire_b / bps + per_collective * stats.get("collectives_total", 0) / steps
-    t_dense = compute_s + dense_b / bps + per_collective * dense_collectives
+    t = compute_s + comp + wire_b / bps + hops * stats.get("collectives_total", 0) / steps \
+        + link.sync_s * min(1.0, stats.get("collectives_total", 0) / steps)
+    t_dense = compute_s + dense_b / bps + hops * dense_collectives + link.sync_s
     gain = t_dense / t if t else float("inf")
     return (f"cser_hooks: predicted on {rate_text(link.bandwidth_bps)}: {1e3 * t:.1f} ms/step vs dense "
             f"{1e3 * t_dense:.1f} ms ({gain:.2f}x; wire {wire_b / 1e6:.3g} MB vs {dense_b / 1e6:.3g} MB per step; "

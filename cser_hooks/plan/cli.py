@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"protocol bytes per payload byte (default {DEFAULT_OVERHEAD}: +5.6 %% measured on the "
                         f"bench's veths, docs/bench-link-100mbit)")
     p.add_argument("--sync", default="0us",
-                   help="fixed cost per collective beyond --latency: the ranks' arrival skew and the library's "
-                        "per-call cost (default 0). Measure it in your job as the step time of a method that "
+                   help="fixed cost per step that communicates, beyond --latency: the ranks' arrival skew, paid "
+                        "at the step's first collective (default 0). Measure it in your job as the step time of a method that "
                         "allreduces a few bytes each step (bench: ef-rb@1/1000000) minus the step without "
                         "communication (bench: local-sgd@100000); on 4 workers sharing 2 cores it is ~25 ms")
     p.add_argument("--compute-ms", type=float, required=True,

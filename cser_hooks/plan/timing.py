@@ -2,12 +2,13 @@
 
 Per collective (ring / pairwise model, cser_hooks/wire.py):
 
-    t_coll = σ + hops · α + wire_bytes · (1 + overhead) / B
+    t_coll = hops · α + wire_bytes · (1 + overhead) / B      (+ σ on a step's first collective)
 
 with B the link rate per worker in bytes/s (full duplex: a rank sends and receives at B at once),
-α the per-message latency, σ (``sync_s``, default 0) a fixed cost per collective: the ranks' arrival
-skew and the library's per-call cost, which no byte count shows (measured as the step of a method that
-allreduces a few bytes every step minus the no-communication floor; docs/plan.md), hops = 2(W−1)
+α the per-message latency, σ (``sync_s``, default 0) a fixed cost per step that communicates: the
+ranks' arrival skew, paid where they first meet in the step (the collectives after it find them
+aligned), which no byte count shows (measured as the step of a method that allreduces a few bytes
+every step minus the no-communication floor; docs/plan.md), hops = 2(W−1)
 for a ring allreduce, W−1 for a ring allgather and a pairwise all_to_all, and ``overhead`` the
 protocol bytes on top of the payload (TCP/IP headers, ACKs, gloo's framing; default 0.056, the
 dense row of docs/bench-link-100mbit: veth bytes +5.6 % over the ring model).
@@ -46,7 +47,8 @@ DEFAULT_OVERHEAD = 0.056   # docs/bench-link-100mbit/report.md, dense: veth tx b
 @dataclass(frozen=True)
 class Link:
     """One worker's link: ``bandwidth_bps`` bits/s each way, ``latency_s`` per message, ``overhead``:
-    protocol bytes per payload byte, ``sync_s``: fixed seconds per collective (σ, module docstring)."""
+    protocol bytes per payload byte, ``sync_s``: fixed seconds per communicating step (σ, module
+    docstring; :func:`step_time` adds it, not :meth:`seconds`)."""
 
     bandwidth_bps: float
     latency_s: float = DEFAULT_LATENCY_S
@@ -63,16 +65,15 @@ class Link:
         return cls(netns.parse_rate(rate), parse_duration(latency), overhead, parse_duration(sync))
 
     def describe(self) -> str:
-        sync = f", {self.sync_s * 1e3:g} ms per collective" if self.sync_s else ""
+        sync = f", {self.sync_s * 1e3:g} ms sync per step" if self.sync_s else ""
         return f"{rate_text(self.bandwidth_bps)}, {self.latency_s * 1e6:g} us latency, " \
                f"+{100 * self.overhead:g} % protocol bytes{sync}"
 
     def seconds(self, c: Collective, world: int, rank: int = 0) -> float:
-        """t_coll = σ + hops · α + wire_bytes · (1 + overhead) / (B / 8)."""
+        """t_coll = hops · α + wire_bytes · (1 + overhead) / (B / 8)."""
         if world <= 1:
             return 0.0
-        return self.sync_s + c.hops(world) * self.latency_s + \
-            c.wire_bytes(world, rank) * (1 + self.overhead) * 8 / self.bandwidth_bps
+        return c.hops(world) * self.latency_s + c.wire_bytes(world, rank) * (1 + self.overhead) * 8 / self.bandwidth_bps
 
 
 def parse_duration(text: str) -> float:
@@ -104,19 +105,21 @@ class StepTime:
 
 def step_time(plan: StepPlan, link: Link, world: int, compute_s: float, backward_share: float, costs: Costs,
               rank: int = 0) -> StepTime:
-    """step = T + compress + blocking + max(0, e_last − T_b) (module docstring)."""
+    """step = T + compress + blocking + max(0, e_last − T_b) (module docstring); σ rides on the step's
+    first collective."""
     t_back = backward_share * compute_s
     end = blocking = total = 0.0
+    sync = link.sync_s if world > 1 else 0.0
     for b in plan.buckets:
         for c in b.collectives:
-            t = link.seconds(c, world, rank)
+            t, sync = link.seconds(c, world, rank) + sync, 0.0
             total += t
             if c.blocking:
                 blocking += t
             else:
                 end = max(end, b.ready * t_back) + t
     for c in plan.post:
-        t = link.seconds(c, world, rank)
+        t, sync = link.seconds(c, world, rank) + sync, 0.0
         total += t
         blocking += t
     exposed = max(0.0, end - t_back)
