@@ -173,7 +173,8 @@ def report(rows: list[dict], meta: dict) -> str:
            "rate with +5.6 % protocol bytes (no constant fitted); the unshaped loopback has no nominal rate, "
            "so **one constant, its effective bandwidth, is fitted on dense** (dense's error there is 0 by "
            "construction). `fitted` columns: the same fit applied to the shaped links, for information only. "
-           f"σ, the fixed cost per communicating step (`Link.sync_s`, `--sync`; paid at its first collective), is measured per link in the same workers: "
+           "σ, the fixed cost per communicating step (`Link.sync_s`, `--sync`; paid at its first collective), "
+           "is measured per link in the same workers: "
            f"the sync floor `{SYNC_FLOOR}` (one allreduce of a few bytes per step) − the floor − its own "
            "modelled allreduce; `error without σ` shows the same prediction with σ = 0.",
            "", f"**{within} of {len(ok)} predictions within ±{100 * TOLERANCE:.0f} %.**", "",

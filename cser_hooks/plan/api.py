@@ -90,8 +90,9 @@ def gain_line(stats: Mapping, link: Link | str, compute_s: float, world_size: in
 
     Per step (totals / ``step``): method = compute_s + compress_seconds + wire_bytes·(1+overhead)/B
     + σ · min(1, collectives per step) [+ collectives · 2(W−1) · α when ``world_size`` is given]; dense
-    = compute_s + dense_wire_bytes · (1+overhead)/B + σ [+ dense_collectives · 2(W−1) · α]. No overlap (conservative for both), wire bytes
-    from the state's own ring model (cser_hooks/wire.py); totals include the warm-up step."""
+    = compute_s + dense_wire_bytes · (1+overhead)/B + σ [+ dense_collectives · 2(W−1) · α]. No overlap
+    (conservative for both), wire bytes from the state's own ring model (cser_hooks/wire.py); totals
+    include the warm-up step."""
     link = Link.parse(link) if isinstance(link, str) else link
     steps = max(1, int(stats.get("step") or 1))
     bps = link.bandwidth_bps / 8 / (1 + link.overhead)
