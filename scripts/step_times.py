@@ -115,6 +115,8 @@ def main(argv=None) -> int:
             print("$ " + " ".join(cmd[1:]), flush=True)
             subprocess.run(cmd, cwd=REPO, check=False, timeout=args.timeout * (len(chosen) + 2))
             shutil.rmtree(out / f"bench-{link}" / "logs", ignore_errors=True)
+            for png in (out / f"bench-{link}").glob("*.png"):
+                png.unlink()
         meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": report_dir.machine(),
                 "wall_s": time.monotonic() - t0,
                 "load_after": os.getloadavg()[0], "command": "python scripts/step_times.py " + " ".join(argv)}
