@@ -55,6 +55,18 @@ def test_link_time_by_hand():
         plan.Link(100e6, sync_s=-1.0)
 
 
+def test_sync_reaches_the_cli_and_the_extrapolated_grid(capsys):
+    work = plan.from_bucket_sizes([250_000], compute_s=0.05)
+    cells = {s: plan.extrapolate(work, [8], ["1gbit"], sync=s, methods=["ef-rb@1/8"]) for s in ("0us", "10ms")}
+    for a, b in zip(cells["0us"][0]["predictions"], cells["10ms"][0]["predictions"]):
+        assert b.step_s == pytest.approx(a.step_s + 0.010), a.method   # one collective per step each
+    assert cli.main(["--buckets", "250000", "--bandwidth", "1gbit", "--compute-ms", "50", "--sync", "10ms",
+                     "--methods", "ef-rb@1/8"]) == 0
+    assert "10 ms sync per step" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="sync 'ten': give a duration"):
+        cli.main(["--buckets", "250000", "--compute-ms", "50", "--sync", "ten"])
+
+
 def test_sync_cost_is_paid_once_per_communicating_step():
     # ef-rb: one allreduce per bucket; two buckets ready during the backward pass (the first at half of it)
     work = plan.from_bucket_sizes([250_000, 250_000], compute_s=1.0)

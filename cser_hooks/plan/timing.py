@@ -62,7 +62,7 @@ class Link:
     @classmethod
     def parse(cls, rate: str, latency: str = "50us", overhead: float = DEFAULT_OVERHEAD, sync: str = "0us") -> Link:
         """``Link.parse("100mbit", "50us")``: rates as tc writes them (kbit, mbit, gbit: bits/s)."""
-        return cls(netns.parse_rate(rate), parse_duration(latency), overhead, parse_duration(sync))
+        return cls(netns.parse_rate(rate), parse_duration(latency), overhead, parse_duration(sync, "sync"))
 
     def describe(self) -> str:
         sync = f", {self.sync_s * 1e3:g} ms sync per step" if self.sync_s else ""
@@ -76,11 +76,11 @@ class Link:
         return c.hops(world) * self.latency_s + c.wire_bytes(world, rank) * (1 + self.overhead) * 8 / self.bandwidth_bps
 
 
-def parse_duration(text: str) -> float:
-    """Seconds of '50us', '1ms', '0.1s'."""
+def parse_duration(text: str, what: str = "latency") -> float:
+    """Seconds of '50us', '1ms', '0.1s' (``what`` names the input in the error)."""
     m = netns.DELAY_RE.match(text.strip().lower())
     if not m:
-        raise ValueError(f"latency {text!r}: give a duration like 50us, 1ms or 0.1s")
+        raise ValueError(f"{what} {text!r}: give a duration like 50us, 1ms or 0.1s")
     return float(m[1]) / {"us": 1e6, "ms": 1e3, "s": 1.0}[m[2]]
 
 
