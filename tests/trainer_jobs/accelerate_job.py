@@ -89,6 +89,7 @@ def main() -> None:
     result = {name: run(name, workdir) for name in runs}
     if dist.get_rank() == 0:
         digits.write(out_path, result)
+    digits.leave_group()
 
 
 if __name__ == "__main__":

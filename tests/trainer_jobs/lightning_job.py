@@ -178,6 +178,7 @@ def main() -> None:
                               hook=run.startswith("cser"))
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         digits.write(out_path, result)
+    digits.leave_group()
 
 
 if __name__ == "__main__":
