@@ -15,7 +15,7 @@ the gpt model needs ~6.6 s per step there), so time to quality is assembled from
    ``--target``).
 2. **step time** — per link a short bench run of ``--link-steps`` under ``--link RATE`` (network
    namespaces + tc tbf, needs root); T = (time@N − time@4) / (N − 4) from rank 0's training clock
-   (evaluation is outside it). The window spans at least two reset periods of every CSER method given,
+   (evaluation is outside it). The window spans at least two periods of every periodic method given (``Method.period``),
    so the resets' cost is in the mean.
 
 Time to target (estimated) = S x T, labelled as such in the report. A method that does not reach the
@@ -40,30 +40,31 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cser_hooks.bench import curves, report_dir  # noqa: E402
+from cser_hooks.bench import methods as bench_methods  # noqa: E402
 
 W0 = 4                 # the step-time window starts after DDP's bucket rebuild and the first steps
 MIN_LINK_STEPS = 36    # W0 + 32: two periods of cser-32 (H = 16)
 TOLERANCE = 0.15       # --validate: measured end-to-end time to target vs the estimate
 POWERSGD = re.compile(r"powersgd")
-CSER = re.compile(r"(^|-)cser")
 
 
 def period_of(method: str) -> int:
-    """The reset period H of a CSER method name (cser-32: 16, cser-256*: 32, cser@a:b:H: H), else 0."""
-    m = re.search(r"cser(?:-spread)?@[^:]+:[^:]+:(\d+)", method)
-    if m:
-        return int(m[1])
-    if re.search(r"cser-256", method):
-        return 32
-    if re.search(r"cser-1024", method):
-        return 256
-    return 16 if CSER.search(method) else 0
+    """The method's period (``Method.period``: CSER's H, local SGD's averaging, CompSkip's send), 0 for
+    methods whose steps are all alike."""
+    return bench_methods.get(method).period
+
+
+MAX_LINK_STEPS = 2000  # a link run longer than this is a mistake (e.g. the floor local-sgd@100000)
 
 
 def link_steps(methods, asked: int | None) -> int:
-    """Steps of each link run: W0 + two periods of the longest CSER period, at least MIN_LINK_STEPS, a
+    """Steps of each link run: W0 + two periods of the longest method period, at least MIN_LINK_STEPS, a
     multiple of W0 (the curve has a point every W0 steps)."""
     need = max([MIN_LINK_STEPS, *(W0 + 2 * period_of(m) for m in methods)])
+    if need > MAX_LINK_STEPS:
+        longest = max(methods, key=period_of)
+        raise SystemExit(f"{longest} has a period of {period_of(longest)} steps: its link run would need {need} "
+                         f"steps (> {MAX_LINK_STEPS}); leave it out or choose a shorter period")
     n = max(asked or 0, need)
     return -(-n // W0) * W0
 
@@ -216,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, help="evaluations of the convergence run (the bench's default)")
     p.add_argument("--target", type=float, help="the bench's --target (default: the bench's rule)")
     p.add_argument("--link-steps", type=int,
-                   help=f"steps of each link run (default: {W0} + two periods of the longest CSER period, "
+                   help=f"steps of each link run (default: {W0} + two periods of the longest method period, "
                         f">= {MIN_LINK_STEPS})")
     p.add_argument("--validate", action="store_true",
                    help="also a full run under each link with --stop-at-target, compared with the estimate")

@@ -46,3 +46,15 @@ def test_from_results_report(tmp_path):
     text = (out / "report.md").read_text()
     assert "| qprsgd | 32 | 300.0 | 3.00x | 1.50x | <= 1.0x dense | **no** |" in text
     assert f"| {st.FLOOR} | 32 | 100.0 | 1.00x | n/a |  |  |" in text
+
+
+def test_the_window_holds_whole_periods_of_every_method():
+    # a mean over part of a period leaves out (or doubles) its reset: every periodic method's period divides
+    # the window, and the window holds at least two of them
+    from cser_hooks.bench import methods
+
+    window = st.STEPS - st.W0
+    for link, names in st.METHODS.items():
+        for name in names:
+            h = methods.get(name).period
+            assert h == 0 or (window % h == 0 and window >= 2 * h), (link, name, h)

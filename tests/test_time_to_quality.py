@@ -34,7 +34,11 @@ def test_period_and_link_steps_cover_two_reset_periods():
     assert ttq.period_of("cser-32") == 16 and ttq.period_of("m-cser") == 16
     assert ttq.period_of("cser@1/32:1/2:8") == 8 and ttq.period_of("cser-spread@1/8:1/4:40") == 40
     assert ttq.period_of("cser-256-paper") == 32 and ttq.period_of("dense") == 0
-    assert ttq.period_of("powersgd-r4") == 0
+    assert ttq.period_of("cser-256") == 512 and ttq.period_of("cser-1024") == 256   # H of the preset, not its name
+    assert ttq.period_of("powersgd-r4") == 0 and ttq.period_of("qprsgd@6") == 6 and ttq.period_of("local-sgd") == 16
+    assert ttq.period_of("qsparse@1/8:12") == 12 and ttq.period_of("compskip@1/32:3") == 3
+    with pytest.raises(SystemExit, match="local-sgd@100000 has a period of 100000"):
+        ttq.link_steps(["dense", "local-sgd@100000"], None)
     assert ttq.link_steps(["dense"], None) == ttq.MIN_LINK_STEPS
     assert ttq.link_steps(["dense", "cser-spread@1/8:1/4:40"], None) == 84   # 4 + 2 x 40
     assert ttq.link_steps(["dense", "cser@1/8:1/4:41"], None) == 88          # 86 rounded up to a multiple of 4

@@ -46,6 +46,9 @@ class Method:
     bucket_cap_mb: float | None = None        # None: the bench's --bucket-cap-mb
     optimizer_overrides: Mapping[str, Any] = field(default_factory=dict)
     lr_scale: float = 1.0                     # multiplies the peak lr (same warm-up + cosine schedule)
+    period: int = 0                           # steps between its periodic syncs (CSER's reset, local SGD's
+    #                                           average, CompSkip's send); 0: every step alike. A step-time
+    #                                           window must span whole periods to carry their cost
 
 
 # -- baselines -----------------------------------------------------------------------------------
@@ -122,9 +125,9 @@ def _cser(r1: str, r2: str, period: int, name: str, momentum: float = 0.0, sprea
         return Method(name, _ours("CSERState", "cser_hook", c1=c1, c2=c2, period=period, momentum=momentum, **sched),
                       f"M-CSER rho1={r1}, rho2={r2}, H={period} (~{_frac(total)} of dense){how}, momentum "
                       f"{momentum} in the hook before C1 (optimizer without)",
-                      optimizer_overrides=_NO_MOMENTUM)
+                      optimizer_overrides=_NO_MOMENTUM, period=period)
     return Method(name, _ours("CSERState", "cser_hook", c1=c1, c2=c2, period=period, **sched),
-                  f"CSER rho1={r1}, rho2={r2}, H={period} (~{_frac(total)} of dense){how}")
+                  f"CSER rho1={r1}, rho2={r2}, H={period} (~{_frac(total)} of dense){how}", period=period)
 
 
 def _dist_ef(block: str, name: str, nesterov: bool = True) -> Method:
@@ -140,18 +143,20 @@ def _dist_ef(block: str, name: str, nesterov: bool = True) -> Method:
 def _qsparse(ratio: str, period: int, name: str) -> Method:
     return Method(name, _ours("QsparseLocalSGDState", "qsparse_local_sgd_hook",
                               compressor=f"top_k:ratio={ratio} + qsgd:s=15,scale=0.5", period=period),
-                  f"Qsparse-local-SGD: top-k {ratio} + QSGD(15), sync every {period} steps", protocol="allgather")
+                  f"Qsparse-local-SGD: top-k {ratio} + QSGD(15), sync every {period} steps", protocol="allgather",
+                  period=period)
 
 
 def _qprsgd(period: int, name: str) -> Method:
     return Method(name, _ours("QPRSGDState", "qprsgd_hook", compressor="qsgd:s=15,block=64", period=period),
                   f"QPRSGD: local SGD, QSGD(15)-quantized model deltas every {period} steps (all-reduce mode)",
-                  protocol="allgather")
+                  protocol="allgather", period=period)
 
 
 def _compskip(ratio: str, every: int, name: str) -> Method:
     return Method(name, _ours("CompSkipState", "compskip_hook", compressor=f"top_k:ratio={ratio}", send_every=every),
-                  f"CompSkip: top-k {ratio} (values + indices), send every {every} steps", protocol="allgather")
+                  f"CompSkip: top-k {ratio} (values + indices), send every {every} steps", protocol="allgather",
+                  period=every)
 
 
 def _frac(x: Fraction) -> str:
@@ -160,7 +165,7 @@ def _frac(x: Fraction) -> str:
 
 def _local_sgd(period: int, name: str) -> Method:
     return Method(name, _ours("CSERState", "cser_hook", c1=lambda b: "zero", c2=lambda b: "identity",
-                              period=period), f"local SGD: average the models every {period} steps")
+                              period=period), f"local SGD: average the models every {period} steps", period=period)
 
 
 def _ef(comp: str, name: str, summary: str, protocol: str, feedback: bool = True, **overrides) -> Method:
