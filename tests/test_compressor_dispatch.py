@@ -30,7 +30,9 @@ CPU_ROUTES = [
     ("top_k:ratio=0.05", "compress", {"topk_select"}),            # at >= TopK.KERNEL_MIN elements
     ("top_k:ratio=0.05", "compress_ef", {"topk_select"}),
     ("top_k:ratio=0.05@small", "compress", set()),                # below: torch's selection
-    ("qsgd:s=15,block=64", "compress", set()),                    # torch on CPU (see qsgd.py)
+    ("qsgd:s=15,block=64", "compress", {"qsgd_compress"}),
+    ("qsgd:s=15,block=64", "compress_ef", {"qsgd_compress"}),     # fused: residual written by the kernel
+    ("qsgd:s=15,block=64,scale=0.5", "compress_ef", {"qsgd_compress", "qsgd_decompress"}),  # scaled: unfused
     ("qsgd:s=15,block=64", "decompress", {"qsgd_decompress"}),
     ("random_block:ratio=1/8,block=16", "compress", set()),       # index_select on CPU
     ("random_block:ratio=1/8,block=16", "compress_ef", set()),
@@ -114,6 +116,16 @@ def test_routed_results_equal_the_references():
     want = qsgd_mod.reference_decompress(*payload, q.s, q.block, x.numel())
     got = q.decompress(payload, x.numel(), torch.float32, MaskKey(seed=3))
     torch.testing.assert_close(got, want.float(), rtol=1e-6, atol=0)
+    # the kernel's payload is the plain reference's given the same uniforms (levels bit-exact when the
+    # norms are; they are summed in float64 either way)
+    rsigns, rlevels, rnorms = qsgd_mod.reference_compress(x, qsgd_mod.uniforms(x.numel(), MaskKey(seed=3), "cpu"),
+                                                          q.s, q.block)
+    assert torch.equal(payload[2], rnorms) and torch.equal(payload[0], rsigns) and torch.equal(payload[1], rlevels)
+    # compress_ef: the same payload, and the residual x − C(x) written in place by the kernel
+    p = x.clone()
+    epayload = q.compress_ef(p, MaskKey(seed=3))
+    assert all(torch.equal(a, b) for a, b in zip(epayload, payload))
+    assert torch.equal(p, x - got)
 
 
 @pytest.mark.gpu

@@ -1,7 +1,7 @@
 """qsgd(s): unbiased stochastic quantization to s levels per block (docs/algorithms.md §1).
 
     C(v)_i = ||v_B||_2 * sign(v_i) * l_i / s,   l_i = floor(r_i) + Bernoulli(r_i - floor(r_i)),
-    r_i = s |v_i| / ||v_B||_2
+    r_i = |v_i| (s / ||v_B||_2)     (that order of fp32 operations on every device)
 
 so E[C(v)] = v. Blocks of ``block`` elements (default 512; the last may be short) each carry one
 fp32 norm. The uniforms are drawn on the tensor's device from a generator seeded by the
@@ -56,7 +56,7 @@ def reference_compress(p, u, s, block):
     levels = torch.empty(n, dtype=torch.int32)
     for j in range(nb):
         seg = p[j * block:(j + 1) * block].float()
-        r = s * seg.abs() / norms[j] if norms[j] > 0 else torch.zeros_like(seg)
+        r = seg.abs() * (s / norms[j]) if norms[j] > 0 else torch.zeros_like(seg)
         fl = r.floor()
         lv = fl + (u[j * block:j * block + seg.numel()] < (r - fl)).float()
         levels[j * block:j * block + seg.numel()] = lv.clamp(max=s).to(torch.int32)
@@ -101,32 +101,31 @@ class QSGD(Compressor):
         return delta if delta > 0 else None
 
     def compress(self, x, mk, segments=None):
+        return self._compress(x, mk, residual=False)
+
+    def compress_ef(self, p, mk, segments=None):
+        """One kernel pass: the payload and, in place, the residual p − C(p) (docs/algorithms.md §2). The
+        fused residual is the unscaled C(p); with ``scale != 1`` (or a non-fp32 p) the base class's
+        decompress-and-subtract runs instead."""
+        if self.scale != 1.0 or p.dtype != torch.float32 or not p.is_contiguous():
+            return super().compress_ef(p, mk, segments)
+        return self._compress(p, mk, residual=True)
+
+    def _compress(self, x, mk, residual: bool):
+        """kernels.qsgd_compress (Numba CPU / CUDA): norms (summed in float64, rounded once to fp32), signs,
+        levels, and optionally the residual written over ``x``, in one pass structure over the bucket."""
         check_input(x, self.name)
         n, b, s = x.numel(), self.block, self.s
         u = uniforms(n, mk, x.device)
-        if x.is_cuda and n > 0:
-            # FAST PATH on GPU (kernels.qsgd_compress): norms, levels and both bit fields in one kernel
-            # sequence. Its norm is summed in float64 like the CPU path's, but r = (s*|v|)/norm, so a level
-            # can differ from the torch path below when r + u lands within an ulp of an integer.
-            signs = torch.empty(packed_nbytes(n, 1), dtype=torch.uint8, device=x.device)
-            levels = torch.empty(packed_nbytes(n, self.L), dtype=torch.uint8, device=x.device)
-            norms = torch.empty(math.ceil(n / b), dtype=torch.float32, device=x.device)
-            kernels.qsgd_compress(x.float() if x.dtype == torch.float64 else x, u, s, b, signs, levels, norms)
-            return signs, levels, norms
-        # CPU: vectorized torch over padded blocks (kernels.qsgd_compress's CPU twin reaches 0.37 of copy_
-        # bandwidth here, below the uniforms' own cost; see the README's kernel table), with torch's norm,
-        # summed in float64 and rounded once to fp32, so the norm is the same whatever the summation order
-        nb = math.ceil(n / b)
-        xf = x.float()
-        if n % b:
-            xf = torch.cat([xf, xf.new_zeros(nb * b - n)])
-        v = xf.view(nb, b)
-        norms = torch.linalg.vector_norm(v, dim=1, dtype=torch.float64).float()
-        inv = torch.where(norms > 0, s / norms, torch.zeros_like(norms))
-        r = v.abs().mul_(inv.unsqueeze(1)).view(-1)[:n]
-        fl = r.floor()
-        levels = (fl + (u < (r - fl)).float()).clamp_(max=s).to(torch.int32)
-        return pack_codes((x >= 0).to(torch.int32), 1), pack_codes(levels, self.L), norms
+        flat = x.view(-1) if x.is_contiguous() else x.reshape(-1)
+        if flat.dtype == torch.float64:
+            flat = flat.float()
+        signs = torch.empty(packed_nbytes(n, 1), dtype=torch.uint8, device=x.device)
+        levels = torch.empty(packed_nbytes(n, self.L), dtype=torch.uint8, device=x.device)
+        norms = torch.empty(math.ceil(n / b), dtype=torch.float32, device=x.device)
+        if n > 0:
+            kernels.qsgd_compress(flat, u, s, b, signs, levels, norms, residual_out=flat if residual else None)
+        return signs, levels, norms
 
     def decompress(self, payload, numel, dtype, mk, segments=None, out=None):
         signs, levels, norms = payload

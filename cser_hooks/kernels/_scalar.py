@@ -178,10 +178,11 @@ def make_scalar_ops(jit):
     def qsgd_level(a, nrm, sf):
         """QSGD level of |p| = a given the block norm, s as float32, and the uniform u (caller).
 
-        Returns r = s*a/nrm (0 if nrm == 0) and floor(r); the caller adds (u < r - floor(r)).
+        Returns r = a*(s/nrm) (0 if nrm == 0) and floor(r); the caller adds (u < r - floor(r)). The
+        fp32 operations are the torch path's (``|v| * (s / norms)``), so every device rounds alike.
         """
         if nrm > 0:
-            r = (sf * a) / nrm
+            r = a * (sf / nrm)
         else:
             r = np.float32(0.0)
         fl = np.float32(math.floor(r))

@@ -1,7 +1,7 @@
 """CPU (Numba) kernels of qsgd(s) (docs/algorithms.md §1) with optional fused residual (§2).
 
 Blocks of ``bsz`` elements (the last may be short), norm_j = ||p_B||_2 in fp32.
-r = s*|p|/norm (0 if norm == 0); level = min(s, floor(r) + (u < r - floor(r))), u supplied by the
+r = |p|*(s/norm) (0 if norm == 0); level = min(s, floor(r) + (u < r - floor(r))), u supplied by the
 caller. Levels are packed L bits each (L in {1,2,4,8}, element i at bit i*L, LSB first), signs 1 bit
 (1 iff p >= 0). Decompress: norm * (+1 | -1) * level / s, computed as ((norm * level) / s) * sign.
 
@@ -24,11 +24,12 @@ _NO_OFFSETS = np.zeros(1, dtype=np.int64)
 @njit(cache=True)
 def _levels_loop(gs, gkind, es, has_e, us, nrm, sf, cs, rs, res_mode):
     """Per element: level into cs, residual into rs (RES_OUT), es (RES_INTO_E) or gs (RES_INTO_P)."""
+    inv = sf / nrm if nrm > 0 else np.float32(0.0)  # once per block: s / norm in fp32
     for k in range(gs.size):
         p = load_f32(gs, k, gkind)
         if has_e:
             p = p + es[k]
-        r = (sf * abs(p)) / nrm if nrm > 0 else np.float32(0.0)
+        r = abs(p) * inv
         fl = np.float32(np.floor(r))
         lvl = fl + np.float32(1.0) if us[k] < r - fl else fl
         lvl = min(lvl, sf)
@@ -49,7 +50,7 @@ def _levels_piece(g, gkind, e, has_e, u, a, b, nrm, sf, codes, off, res, res_mod
     """Levels of [a, b) (one block, norm ``nrm``) into codes[k - off]; residual per ``res_mode``.
 
     Branch-free per element (selects), so the loop vectorises; the arithmetic is the definition's
-    fp32 sequence (r = (s*|p|)/norm, floor, compare with u, clamp to s; (norm*level)/s). In-place
+    fp32 sequence (r = |p|*(s/norm), floor, compare with u, clamp to s; (norm*level)/s). In-place
     residuals write the array they read (a separate, overlapping output array would defeat LLVM's
     runtime alias check and fall back to scalar code)."""
     gs = g[a:b]

@@ -47,7 +47,7 @@ def ref_qsgd_levels(p: torch.Tensor, u: torch.Tensor, s: int, block: int, norms:
     """Levels given the (kernel's) fp32 norms, with the definition's fp32 operations."""
     nrm = norms[torch.arange(p.numel()) // block]
     sf = torch.tensor(float(s), dtype=torch.float32)
-    r = torch.where(nrm > 0, (sf * p.float().abs()) / nrm, torch.zeros_like(nrm))
+    r = torch.where(nrm > 0, p.float().abs() * (sf / nrm), torch.zeros_like(nrm))
     fl = torch.floor(r)
     lvl = fl + (u < r - fl).float()
     return torch.minimum(lvl, sf)
