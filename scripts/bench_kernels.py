@@ -14,8 +14,9 @@ Operations (docs/algorithms.md §1-2; all through cser_hooks.kernels, CPU tensor
   4096 (each block inside one cache-sized tile: one read of g and e) and with one block per 2**20
   elements (like per-parameter blocks of 4 MB tensors: a block's scale is known only after reading
   all of it, so g and e are read twice); sign decompress: ``sign_decompress``.
-* qsgd compress+EF: ``qsgd_compress`` with s = 15 (4-bit levels), blocks of 4096, residual written
-  in place into p; the uniforms are pre-drawn (``torch.rand`` is its own row); qsgd decompress.
+* qsgd compress+EF: ``qsgd_compress`` with s = 15 (4-bit levels), blocks of 4096 and of 64 (QPRSGD's:
+  one norm per 64 elements), residual written in place into p; the uniforms are pre-drawn
+  (``torch.rand`` is its own row); qsgd decompress, for both block sizes.
 * random_block gather+zero: ``block_gather_zero`` at ratio 1/4, b = 256 (the EF residual update in
   one pass); random_block scatter: ``block_scatter`` of that payload.
 * top-k select: ``topk_select`` at k = numel/64 next to ``torch.topk(x.abs(), k)``;
@@ -92,13 +93,16 @@ def bench_size(mb: int, min_time: float):
     out = torch.empty(n)
     add("sign decompress (blocks of 2^20)", lambda: K.sign_decompress(bits, scales, offsets, out))
 
-    s, block = 15, 4096
+    s = 15
     nbits = K.qsgd_level_bits(s)
     signs = torch.empty((n + 7) // 8, dtype=torch.uint8)
     levels = torch.empty((n * nbits + 7) // 8, dtype=torch.uint8)
-    norms = torch.empty((n + block - 1) // block)
-    add("qsgd compress+EF (s=15)", lambda: K.qsgd_compress(p, u, s, block, signs, levels, norms, residual_out=p))
-    add("qsgd decompress", lambda: K.qsgd_decompress(signs, levels, norms, s, block, out))
+    for block in (4096, 64):  # 64: QPRSGD's blocks (one norm per 64 elements)
+        norms = torch.empty((n + block - 1) // block)
+        add(f"qsgd compress+EF (s=15, blocks of {block})",
+            lambda b=block, nm=norms: K.qsgd_compress(p, u, s, b, signs, levels, nm, residual_out=p))
+        add(f"qsgd decompress (blocks of {block})",
+            lambda b=block, nm=norms: K.qsgd_decompress(signs, levels, nm, s, b, out))
 
     b = 256
     nblocks = (n + b - 1) // b

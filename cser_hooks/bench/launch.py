@@ -152,6 +152,11 @@ class Launcher:
                         item = lines.get_nowait()
                         if item:
                             handle(item)
+                    if bad and current is None and all(n in outcomes for n in todo):
+                        r, c = bad[0]  # every result is in: a crash while the process ended loses nothing
+                        print(f"note: rank {r} exited with {c} after its last method (log: {logs[r]})",
+                              file=sys.stderr)
+                        return None
                     if bad:
                         r, c = bad[0]
                         failed = current or next(n for n in todo if n not in outcomes)

@@ -273,4 +273,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # every result file is written and the process group destroyed: skip the interpreter's finalization,
+    # where a gloo thread still holding a tensor can abort the process (pytorch/pytorch#190489)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

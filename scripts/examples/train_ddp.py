@@ -25,6 +25,7 @@ Output (one JSON object per line, easy to grep in a cluster log):
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -220,6 +221,11 @@ def main(argv=None) -> int:
         final["stats"] = state.stats()
     log("cser-final", final)
     dist.barrier()
+    # drop the last references to DDP's reducer (it holds the process group) first, so that destroying the
+    # group joins gloo's threads now and not while the interpreter finalizes, where a thread that still holds
+    # a tensor aborts the process after the work is done (pytorch/pytorch#190489)
+    del model, state, opt  # the optimizer holds CSER's post-step hook, and through it the state
+    gc.collect()
     dist.destroy_process_group()
     return 0
 
