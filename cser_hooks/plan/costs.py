@@ -51,18 +51,20 @@ TOPK_MEASURED_RATIO = 1 / 64   # the top-k scatter-add row's ratio
 # docs/bench-kernels/report.md (committed), GB/s at 1, 16, 64, 256 MiB
 _SIZES = (1.0, 16.0, 64.0, 256.0)
 _BUILTIN_GBPS = {
-    "copy": (21.90, 21.41, 7.72, 7.00),
-    "fp16": (22.07, 39.39, 9.55, 10.35),
-    "rand": (0.62, 0.56, 0.58, 0.56),
-    "sign_ef_4096": (3.05, 5.03, 4.69, 5.78),
-    "sign_ef_tensor": (3.12, 3.33, 3.28, 2.48),
-    "sign_dec": (10.58, 14.01, 11.89, 9.65),
-    "qsgd_ef": (2.18, 3.28, 3.23, 3.19),
-    "qsgd_dec": (1.54, 1.82, 2.26, 2.02),
-    "rb_gather": (14.46, 24.83, 11.63, 11.78),
-    "rb_scatter": (14.44, 28.25, 17.74, 15.96),
-    "topk_select": (0.71, 0.89, 0.99, 0.99),
-    "topk_scatter": (14.66, 39.19, 12.16, 15.55),
+    "copy": (14.39, 36.00, 17.97, 15.14),
+    "fp16": (26.50, 54.96, 31.82, 23.62),
+    "rand": (1.33, 1.31, 0.81, 0.82),
+    "sign_ef_4096": (4.56, 12.35, 10.13, 10.57),
+    "sign_ef_tensor": (4.56, 9.22, 6.74, 6.68),
+    "sign_dec": (10.96, 41.80, 33.21, 24.77),
+    "qsgd_ef": (3.58, 7.48, 7.02, 6.94),
+    "qsgd_dec": (2.26, 4.04, 4.24, 4.22),
+    "qsgd_ef_64": (3.06, 4.33, 3.98, 3.94),
+    "qsgd_dec_64": (2.91, 3.58, 3.70, 3.58),
+    "rb_gather": (19.92, 50.80, 18.84, 19.34),
+    "rb_scatter": (21.36, 53.12, 24.59, 25.31),
+    "topk_select": (0.90, 1.73, 1.65, 1.67),
+    "topk_scatter": (52.18, 85.13, 44.45, 36.26),
 }
 BUILTIN = {op: tuple(zip(_SIZES, v)) for op, v in _BUILTIN_GBPS.items()}
 
@@ -153,7 +155,7 @@ def kept_share(comp, n: int) -> float:
 
 def _qsgd_row(comp, op: str) -> str:
     """The QSGD row measured at the block size nearest to the compressor's (64 or 4096, log scale):
-    small blocks cost a norm and a division per block (measured 2-3x slower at 64)."""
+    small blocks cost a norm and a division per block (compress 1.8x slower at 64 in docs/bench-kernels)."""
     return f"{op}_64" if comp.block <= 512 else op
 
 
