@@ -10,10 +10,10 @@ table, also written to a file (default reports/bench_kernels.md).
 
 Operations (docs/algorithms.md §1-2; all through cser_hooks.kernels, CPU tensors):
 
-* sign compress+EF: ``sign_compress_ef`` (p = g + e, bits + scales, e <- p - C(p)) with blocks of
-  4096 (each block inside one cache-sized tile: one read of g and e) and with one block per 2**20
+* sign compress+EF: ``sign_compress_ef`` (p = g + e, bits + scales, e <- p - C(p)) with blocks of 64
+  (dist-EF-SGDM's: one scale per 64 elements), of 4096 (each block inside one cache-sized tile: one read of g and e) and with one block per 2**20
   elements (like per-parameter blocks of 4 MB tensors: a block's scale is known only after reading
-  all of it, so g and e are read twice); sign decompress: ``sign_decompress``.
+  all of it, so g and e are read twice); sign decompress: ``sign_decompress`` (blocks of 64 and 2^20).
 * qsgd compress+EF: ``qsgd_compress`` with s = 15 (4-bit levels), blocks of 4096 and of 64 (QPRSGD's:
   one norm per 64 elements), residual written in place into p; the uniforms are pre-drawn
   (``torch.rand`` is its own row); qsgd decompress, for both block sizes.
@@ -84,14 +84,15 @@ def bench_size(mb: int, min_time: float):
     add("torch.rand uniforms (qsgd input)", lambda: torch.rand(n, generator=gen))
 
     bits = torch.empty((n + 7) // 8, dtype=torch.uint8)
-    for blk, label in ((4096, "blocks of 4096"), (1 << 20, "blocks of 2^20")):
+    out = torch.empty(n)
+    for blk, label in ((64, "blocks of 64"), (4096, "blocks of 4096"), (1 << 20, "blocks of 2^20")):
         offsets = torch.arange(0, n + 1, blk, dtype=torch.int64)
         if offsets[-1] != n:
             offsets = torch.cat([offsets, torch.tensor([n])])
         scales = torch.empty(offsets.numel() - 1)
         add(f"sign compress+EF ({label})", lambda o=offsets, sc=scales: K.sign_compress_ef(g, e, o, bits, sc))
-    out = torch.empty(n)
-    add("sign decompress (blocks of 2^20)", lambda: K.sign_decompress(bits, scales, offsets, out))
+        if blk != 4096:  # 64: dist-EF-SGDM's blocks; 2^20: per-tensor scales
+            add(f"sign decompress ({label})", lambda o=offsets, sc=scales: K.sign_decompress(bits, sc, o, out))
 
     s = 15
     nbits = K.qsgd_level_bits(s)

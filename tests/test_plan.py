@@ -179,6 +179,25 @@ def test_qsgd_cost_uses_the_row_of_its_block_size():
     assert costs.encode_passes(comp, n) == (("topk_select", 1.0), ("qsgd_ef_64", 1 / 16), ("rand", 1 / 16))
 
 
+def test_sign_cost_uses_the_row_of_its_block_size():
+    # sign rows were measured at blocks of 64, 4096 and 2^20 (one per tensor); nearest on a log scale
+    from cser_hooks.compressors import get_compressor
+
+    n = 1 << 20
+    for spec, enc, dec in (("sign_blockwise:block=64", "sign_ef_64", "sign_dec_64"),
+                           ("sign_blockwise:block=512", "sign_ef_64", "sign_dec_64"),
+                           ("sign_blockwise:block=513", "sign_ef_4096", "sign_dec"),
+                           ("sign_blockwise:block=65536", "sign_ef_4096", "sign_dec"),
+                           ("sign_blockwise:block=65537", "sign_ef_tensor", "sign_dec"),
+                           ("sign_blockwise", "sign_ef_tensor", "sign_dec")):
+        comp = get_compressor(spec)
+        assert costs.encode_passes(comp, n) == ((enc, 1.0),) and costs.decode_passes(comp, n) == ((dec, 1.0),), spec
+    # dist-EF-SGDM's step takes the same rows: two decodes of its block size
+    work = _work([(1 << 16,)])
+    ops = {op for op, _m, _n in by_method.traffic("dist-ef-sgdm", work, 4).regular.work}
+    assert {"sign_ef_64", "sign_dec_64"} <= ops and not ops & {"sign_ef_4096", "sign_ef_tensor", "sign_dec"}
+
+
 def test_builtin_kernel_rates_are_the_committed_report():
     parsed = costs.parse_report((REPO / "docs/bench-kernels/report.md").read_text())
     assert parsed == costs.BUILTIN

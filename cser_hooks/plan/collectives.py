@@ -256,13 +256,13 @@ def chunk_nbytes(n: int, world: int, segments, block: int | None) -> list[int]:
 def _dist_ef_sgdm(buckets, world, compressor="sign_blockwise", **_):
     comp = _compressor(compressor)
     block = comp.block
-    ef_op = "sign_ef_4096" if block and block <= 4096 else "sign_ef_tensor"
+    ef_op, dec_op = C.sign_rows(block)
 
     def step(b):
         pieces = tuple(chunk_nbytes(b.n, world, b.segments, block))
         colls = [Collective(wire.ALL_TO_ALL, sum(pieces), pieces, blocking=True),
                  Collective(wire.ALLGATHER, 4 + max(pieces))]
-        passes = C.copies(5) + ((ef_op, 1 + 1 / world), ("sign_dec", 2.0))  # m, e, p, es updates; 2 decodes
+        passes = C.copies(5) + ((ef_op, 1 + 1 / world), (dec_op, 2.0))  # m, e, p, es updates; 2 decodes
         return colls, passes
     return _plan(buckets, step), None, 1
 

@@ -33,6 +33,8 @@ OPS = {
     "copy": "copy (copy_ into preallocated)",
     "fp16": "fp16 cast (baseline)",
     "rand": "torch.rand uniforms (qsgd input)",
+    "sign_ef_64": "sign compress+EF (blocks of 64)",
+    "sign_dec_64": "sign decompress (blocks of 64)",
     "sign_ef_4096": "sign compress+EF (blocks of 4096)",
     "sign_ef_tensor": "sign compress+EF (blocks of 2^20)",
     "sign_dec": "sign decompress (blocks of 2^20)",
@@ -51,20 +53,22 @@ TOPK_MEASURED_RATIO = 1 / 64   # the top-k scatter-add row's ratio
 # docs/bench-kernels/report.md (committed), GB/s at 1, 16, 64, 256 MiB
 _SIZES = (1.0, 16.0, 64.0, 256.0)
 _BUILTIN_GBPS = {
-    "copy": (14.39, 36.00, 17.97, 15.14),
-    "fp16": (26.50, 54.96, 31.82, 23.62),
-    "rand": (1.33, 1.31, 0.81, 0.82),
-    "sign_ef_4096": (4.56, 12.35, 10.13, 10.57),
-    "sign_ef_tensor": (4.56, 9.22, 6.74, 6.68),
-    "sign_dec": (10.96, 41.80, 33.21, 24.77),
-    "qsgd_ef": (3.58, 7.48, 7.02, 6.94),
-    "qsgd_dec": (2.26, 4.04, 4.24, 4.22),
-    "qsgd_ef_64": (3.06, 4.33, 3.98, 3.94),
-    "qsgd_dec_64": (2.91, 3.58, 3.70, 3.58),
-    "rb_gather": (19.92, 50.80, 18.84, 19.34),
-    "rb_scatter": (21.36, 53.12, 24.59, 25.31),
-    "topk_select": (0.90, 1.73, 1.65, 1.67),
-    "topk_scatter": (52.18, 85.13, 44.45, 36.26),
+    "copy": (14.04, 20.78, 16.88, 21.22),
+    "fp16": (11.30, 34.40, 21.28, 19.02),
+    "rand": (0.81, 0.81, 0.49, 0.56),
+    "sign_ef_64": (1.92, 2.69, 2.70, 2.92),
+    "sign_dec_64": (4.67, 5.19, 5.55, 5.57),
+    "sign_ef_4096": (3.05, 7.87, 8.58, 8.63),
+    "sign_ef_tensor": (4.08, 5.37, 5.44, 6.06),
+    "sign_dec": (7.42, 37.53, 29.62, 23.88),
+    "qsgd_ef": (2.15, 4.85, 5.26, 5.27),
+    "qsgd_dec": (1.91, 3.21, 2.51, 2.50),
+    "qsgd_ef_64": (1.40, 2.61, 2.60, 2.58),
+    "qsgd_dec_64": (1.80, 2.60, 3.15, 2.11),
+    "rb_gather": (12.19, 44.87, 16.72, 14.99),
+    "rb_scatter": (12.22, 41.02, 18.98, 19.76),
+    "topk_select": (0.76, 1.32, 1.03, 1.24),
+    "topk_scatter": (30.93, 55.94, 23.57, 24.50),
 }
 BUILTIN = {op: tuple(zip(_SIZES, v)) for op, v in _BUILTIN_GBPS.items()}
 
@@ -153,6 +157,16 @@ def kept_share(comp, n: int) -> float:
     return 1.0
 
 
+def sign_rows(block: int | None) -> tuple[str, str]:
+    """(compress+EF, decompress) rows of sign_blockwise at the measured block size nearest to ``block`` on a
+    log scale (64, 4096, 2^20; None = one block per tensor, the 2^20 rows)."""
+    if block is None or block > 1 << 16:
+        return "sign_ef_tensor", "sign_dec"
+    if block > 512:
+        return "sign_ef_4096", "sign_dec"  # decompress is measured at 64 and 2^20 only
+    return "sign_ef_64", "sign_dec_64"
+
+
 def _qsgd_row(comp, op: str) -> str:
     """The QSGD row measured at the block size nearest to the compressor's (64 or 4096, log scale):
     small blocks cost a norm and a division per block (compress 1.8x slower at 64 in docs/bench-kernels)."""
@@ -169,8 +183,7 @@ _PASSES = {
                     lambda c, n: (("rb_scatter", kept_share(c, n) / RB_MEASURED_RATIO),)),
     "TopK": (lambda c, n: (("topk_select", 1.0),),
              lambda c, n: (("topk_scatter", kept_share(c, n) / TOPK_MEASURED_RATIO),)),
-    "SignBlockwise": (lambda c, n: (("sign_ef_4096" if c.block and c.block <= 4096 else "sign_ef_tensor", 1.0),),
-                      lambda c, n: (("sign_dec", 1.0),)),
+    "SignBlockwise": (lambda c, n: ((sign_rows(c.block)[0], 1.0),), lambda c, n: ((sign_rows(c.block)[1], 1.0),)),
     "QSGD": (lambda c, n: ((_qsgd_row(c, "qsgd_ef"), 1.0), ("rand", 1.0)),
              lambda c, n: ((_qsgd_row(c, "qsgd_dec"), 1.0),)),
 }
