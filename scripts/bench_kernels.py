@@ -11,9 +11,10 @@ table, also written to a file (default reports/bench_kernels.md).
 Operations (docs/algorithms.md §1-2; all through cser_hooks.kernels, CPU tensors):
 
 * sign compress+EF: ``sign_compress_ef`` (p = g + e, bits + scales, e <- p - C(p)) with blocks of 64
-  (dist-EF-SGDM's: one scale per 64 elements), of 4096 (each block inside one cache-sized tile: one read of g and e) and with one block per 2**20
-  elements (like per-parameter blocks of 4 MB tensors: a block's scale is known only after reading
-  all of it, so g and e are read twice); sign decompress: ``sign_decompress`` (blocks of 64 and 2^20).
+  (dist-EF-SGDM's: one scale per 64 elements), of 4096 (each block inside one cache-sized tile: one
+  read of g and e) and with one block per 2**20 elements (like per-parameter blocks of 4 MB tensors: a
+  block's scale is known only after reading all of it, so g and e are read twice); sign decompress:
+  ``sign_decompress`` (blocks of 64 and 2^20).
 * qsgd compress+EF: ``qsgd_compress`` with s = 15 (4-bit levels), blocks of 4096 and of 64 (QPRSGD's:
   one norm per 64 elements), residual written in place into p; the uniforms are pre-drawn
   (``torch.rand`` is its own row); qsgd decompress, for both block sizes.
