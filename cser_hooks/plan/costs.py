@@ -169,7 +169,7 @@ def sign_rows(block: int | None) -> tuple[str, str]:
 
 def _qsgd_row(comp, op: str) -> str:
     """The QSGD row measured at the block size nearest to the compressor's (64 or 4096, log scale):
-    small blocks cost a norm and a division per block (compress 1.8x slower at 64 in docs/bench-kernels)."""
+    small blocks cost a norm and a division per block (compress about 2x slower at 64 in docs/bench-kernels)."""
     return f"{op}_64" if comp.block <= 512 else op
 
 
