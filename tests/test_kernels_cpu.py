@@ -21,7 +21,8 @@ import pytest
 import torch
 
 import cser_hooks.kernels as K
-from cser_hooks.kernels import cpu_qsgd, cpu_segments, cpu_sign
+from cser_hooks.kernels import cpu_qsgd, cpu_segments, cpu_sign, cpu_topk
+from cser_hooks.kernels._workspace import WORKSPACE
 from kernel_cases import assert_stats, block_counts, make_input, make_offsets, sign_counts
 from reference.kernels import (
     random_blocks,
@@ -296,6 +297,48 @@ def test_topk_select_matches_reference(n, dtype, ties):
         assert indices.dtype == torch.int32 and values.dtype == dtype
         assert torch.equal(indices, ri), (k, indices[:10], ri[:10])
         assert torch.equal(values, rv)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("source", ["randn", "ties", "narrow"])
+def test_topk_split_route_and_full_passes_agree_with_the_reference(source, dtype):
+    # the select resolves the later digits either on the top digit's bin (split) or over all of x;
+    # both routes, forced here by the candidate cap, must give the reference's selection
+    n = 200_003
+    if source == "randn":
+        x = make_input(n, dtype, seed=5)
+    elif source == "ties":
+        x = _tied_input(n, dtype, 5)
+    else:  # |x| in [1, 1.112): in fp32 all in one top-digit bin (the key's 11 high bits)
+        g = torch.Generator().manual_seed(6)
+        x = ((1 + torch.rand(n, generator=g) / 9) * torch.randn(n, generator=g).sign()).to(dtype)
+    xv = x.view(torch.int16).numpy() if dtype != torch.float32 else x.numpy()
+    kind = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[dtype]
+    nw = 4
+    for k in (1, n // 64, n // 2, n):
+        rv, ri = ref_topk(x, k)
+        routes = set()
+        for cap in (0, n):
+            vals, idx = np.empty(k, xv.dtype), np.empty(k, np.int32)
+            hist, cnt = np.empty((nw, cpu_topk.HIST), np.int64), np.empty((nw, 2), np.int64)
+            routes.add(cpu_topk.topk_select(xv, kind, 31 if kind == 0 else 15, k, hist, cnt, vals, idx,
+                                            WORKSPACE.get, cap))
+            assert np.array_equal(idx, ri.numpy()), (source, k, cap)
+            assert torch.equal(torch.from_numpy(vals).view(dtype) if kind else torch.from_numpy(vals), rv)
+        assert routes == {False, True}, (source, k, routes)  # cap 0: full passes; cap n: the split pass
+
+
+def test_topk_a_gradient_takes_the_split_route():
+    # what the dispatch hands the CPU select: a gradient-like input's top bin is far below numel / CAND_SHARE
+    from cser_hooks.kernels import _topk
+
+    x = make_input(1 << 20, torch.float32, seed=7).numpy()
+    k = x.size // 64
+    hist, cnt = np.empty((4, cpu_topk.HIST), np.int64), np.empty((4, 2), np.int64)
+    vals, idx = np.empty(k, np.float32), np.empty(k, np.int32)
+    assert cpu_topk.topk_select(x, 0, 31, k, hist, cnt, vals, idx, WORKSPACE.get, x.size // _topk.CAND_SHARE)
+    rv, ri = ref_topk(torch.from_numpy(x), k)
+    assert np.array_equal(idx, ri.numpy()) and np.array_equal(vals, rv.numpy())
 
 
 def test_topk_nan_counts_as_largest_and_k_zero():

@@ -7,6 +7,10 @@ import torch
 from ._runtime import _cpu_run, _Cuda, _mod, _np, _start_cpu_pool, backend_for
 from ._views import COMPRESS_DTYPES, OUT_DTYPES, bit_view, check_flat, kind_of
 
+#: the CPU select resolves the later digits on the top digit's bin alone when it holds at most
+#: numel / CAND_SHARE elements (scratch: that many int32 indices); above, every digit is a pass over x
+CAND_SHARE = 16
+
 
 def _topk_torch(x: torch.Tensor, k: int):
     """Exact top-k by |x| with the same tie rule, in plain torch (float64 inputs)."""
@@ -51,7 +55,8 @@ def topk_select(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         hist = WORKSPACE.get("topk_hist", (nw, ct.HIST), "int64")
         cnt = WORKSPACE.get("topk_cnt", (nw, 2), "int64")
         with _cpu_run(n):
-            ct.topk_select(_np(xv), kind, key_bits, k, hist, cnt, _np(vv), _np(indices))
+            ct.topk_select(_np(xv), kind, key_bits, k, hist, cnt, _np(vv), _np(indices), WORKSPACE.get,
+                           n // CAND_SHARE)
         return values, indices
     with _Cuda(x.device) as c:
         _mod("cuda_topk").topk_select(c.arr(xv), kind, key_bits, n, k, c.arr(vv), c.arr(indices), c.alloc,
