@@ -13,8 +13,8 @@ Code map (one DDP bucket of N elements, n ranks, rank i; everything in *gradient
               the bucket is cut into n contiguous chunks [a_r, b_r), a_r = min(r·⌈N/n⌉, N);
               for every chunk r:  payload_r = C(p_i[a_r:b_r]) ;  e[a_r:b_r] ← p − C(p)
               ``all_to_all``: payload_r goes to rank r (rank r is the "server" of chunk r)
-              server part, own chunk c = i:  p = Σ_j (1/n)·C(p_j)[c] + ẽ     (rank order j = 0..n−1)
-              Δ[c] = C(p) ;  ẽ ← p − Δ[c]                                  (buffer ``es``, chunk-sized)
+              server part, own chunk c = i:  p = ẽ + Σ_j (1/n)·C(p_j)[c]     (added to ẽ in rank order j = 0..n−1)
+              Δ[c] = C(p) ;  ẽ ← p − Δ[c]                 (buffer ``es``, chunk-sized: p is formed in it)
               the packed Δ[c] goes into one ``allgather`` (padded to the largest chunk payload)
   ``decode``  the gradient buffer ← Δ (all chunks, from all ranks); the user's optimizer, plain SGD
               with lr η, applies x ← x − η Δ. This equals the spec's x ← x − Δ_spec because
@@ -50,7 +50,8 @@ Wire per bucket and step (bytes handed to collectives by each rank), P_r = ⌈le
 before the server part can run, so the hook waits for it (launching the allgather from a Future
 callback could interleave buckets differently on gloo, docs/algorithms.md §8): the first phase does
 not overlap the backward pass. A non-finite p_i poisons its block's scale, hence the server's
-average; the server's flag travels in the allgather and every rank raises together.
+average, and a non-finite server p poisons the scale of its block in Δ: the server's flag is read from
+those scales (no pass over p) and travels in the allgather, and every rank raises together.
 """
 from __future__ import annotations
 
@@ -169,11 +170,12 @@ class DistEFSGDM(AlgorithmState):
         ctx.segments = seg
 
     # -- packing of one chunk's payload: fp32 scales first (aligned), then the sign bits ---------
-    def _pack(self, x: torch.Tensor, offs, mk) -> torch.Tensor:
+    def _pack(self, x: torch.Tensor, offs, mk) -> tuple[torch.Tensor, torch.Tensor]:
+        """(packed payload, its fp32 scales); x ← x − C(x) in place."""
         if x.numel() == 0:
-            return torch.empty(0, dtype=torch.uint8, device=x.device)
-        bits, scales = self._sign.compress_ef(x, mk, offs)   # x ← x − C(x)
-        return torch.cat([scales.view(torch.uint8), bits])
+            return torch.empty(0, dtype=torch.uint8, device=x.device), torch.zeros(0, device=x.device)
+        bits, scales = self._sign.compress_ef(x, mk, offs)
+        return torch.cat([scales.view(torch.uint8), bits]), scales
 
     def _unpack_into(self, buf: torch.Tensor, offs, out: torch.Tensor, mk) -> torch.Tensor:
         if out.numel() == 0:
@@ -195,26 +197,24 @@ class DistEFSGDM(AlgorithmState):
         es = self.buffer(ctx.key, "es", b - a, grad.device)
         self.rescale_on_lr_change(ctx.key, ("e", "es"))
         g = grad if grad.dtype == torch.float32 else grad.float()
-        m.mul_(self.momentum).add_(g)                       # m ← μ m + g
+        torch.add(g, m, alpha=self.momentum, out=m)          # m ← μ m + g (one pass)
         if self.nesterov:
             e.add_(g).add_(m, alpha=self.momentum)           # p = g + μ m + e
         else:
             e.add_(m)                                        # p = m + e
         mk = self.mask_key(ctx, "c1")
-        parts = [self._pack(e[lo:hi], plan.offsets[r], mk)  # e ← p − C(p), chunk by chunk
+        parts = [self._pack(e[lo:hi], plan.offsets[r], mk)[0]  # e ← p − C(p), chunk by chunk
                  for r, (lo, hi) in enumerate(zip(plan.bounds, plan.bounds[1:]))]
         self.timed(t0)
         received = self.comm.all_to_all_async(parts, [plan.nbytes[me]] * n).wait()
         t0 = time.perf_counter()
-        # server of chunk `me`: p = avg_j C(p_j) + ẽ ; Δ = C(p) ; ẽ ← p − Δ
-        p = torch.zeros(b - a, device=grad.device)
-        tmp = torch.empty_like(p)
+        # server of chunk `me`: p = ẽ + avg_j C(p_j), formed in ẽ's buffer; Δ = C(p) ; ẽ ← p − Δ in place
+        tmp = torch.empty(b - a, device=grad.device)
         for buf in received:
-            p.add_(self._unpack_into(buf, plan.offsets[me], tmp, mk), alpha=1.0 / n)
-        p.add_(es)
-        flag = nonfinite_flag(p) if self.check_finite else torch.zeros(1, device=grad.device)
-        packed = self._pack(p, plan.offsets[me], mk)
-        es.copy_(p)
+            es.add_(self._unpack_into(buf, plan.offsets[me], tmp, mk), alpha=1.0 / n)
+        packed, scales = self._pack(es, plan.offsets[me], mk)
+        # a NaN/Inf in p makes its block's scale NaN/Inf: the flag reads the scales, not p
+        flag = nonfinite_flag(scales) if self.check_finite else torch.zeros(1, device=grad.device)
         pad = torch.zeros(plan.max_bytes - packed.numel(), dtype=torch.uint8, device=grad.device)
         out = torch.cat([flag.view(torch.uint8), packed, pad])
         self.timed(t0)

@@ -262,7 +262,7 @@ def _dist_ef_sgdm(buckets, world, compressor="sign_blockwise", **_):
         pieces = tuple(chunk_nbytes(b.n, world, b.segments, block))
         colls = [Collective(wire.ALL_TO_ALL, sum(pieces), pieces, blocking=True),
                  Collective(wire.ALLGATHER, 4 + max(pieces))]
-        passes = C.copies(5) + ((ef_op, 1 + 1 / world), (dec_op, 2.0))  # m, e, p, es updates; 2 decodes
+        passes = C.copies(4) + ((ef_op, 1 + 1 / world), (dec_op, 2.0))  # m (1), e (2), the adds into ẽ; 2 decodes
         return colls, passes
     return _plan(buckets, step), None, 1
 
