@@ -50,7 +50,14 @@ def nonfinite_flag(p: torch.Tensor) -> torch.Tensor:
     return (~torch.isfinite(s)).to(torch.float32).view(1)
 
 
-def nonfinite_error(rank: int, nranks: float, step: int, key, who: str, applied: bool = False) -> FloatingPointError:
+def nonfinite_error(rank: int, nranks: float, step: int, key, who: str, applied: bool = False,
+                    local: bool = False) -> FloatingPointError:
+    if local:
+        return FloatingPointError(
+            f"cser_hooks: rank {rank}: non-finite gradient (NaN/Inf) at step {step}, bucket {key!r} ({who}), a local "
+            f"step (nothing is shared): this rank raises alone, and the others stop at the next synchronization "
+            f"with a collective failure. Lower the learning rate or clip the gradients; with fp16 autocast and a "
+            f"torch.amp.GradScaler construct the state with on_nonfinite='skip'.")
     if applied:
         return FloatingPointError(
             f"cser_hooks: rank {rank}: non-finite gradient (NaN/Inf) on {int(nranks)} rank(s) at step {step} "
@@ -203,19 +210,27 @@ class StepGuard:
         return sum(t.numel() * t.element_size() for v in self.shadows.values() for t in v.values())
 
 
-def local_step_exchange(state, flag: torch.Tensor | None, ctx: StepContext, sync_follows: bool) -> Exchange:
+def local_step_exchange(state, flag: torch.Tensor | None, ctx: StepContext, sync_follows: bool,
+                        round_checks: bool = False) -> Exchange:
     """The exchange of a step that shares no gradient (local SGD, CSER-PL), for the non-finite check.
 
-    raise: a local check. skip: when a model synchronization follows this step's optimizer step, the
-    1-element flag is averaged over the ranks (:func:`local_step_verdict` reads it), so an overflow on
+    raise: on a purely local step the check is this rank's own (it raises alone and says so; the
+    others stop at the next synchronization with a collective failure). When a synchronization follows,
+    every rank raises together: if ``round_checks`` (every rank sends a payload with its own non-finite
+    flag in that round; the same on every rank, from the schedule) the round's flag does it, since a
+    non-finite gradient makes the model it sends non-finite, and this step sends nothing; otherwise the
+    1-element flag is averaged over the ranks (:func:`local_step_verdict` reads it).
+    skip: when a synchronization follows, the flag is averaged over the ranks, so an overflow on
     any rank skips the step and its synchronization on every rank, and the step runs again; on a
     purely local step an overflow is this rank's alone: its GradScaler skips its own local update,
     the state is untouched, and the ranks' step counters stay aligned (a ``local`` flag: an
     optimizer step called on it still raises)."""
     if flag is None:
         return Exchange(Kind.NONE)
-    if state.guard is None:
-        state.check_flag(flag, ctx)
+    if state.guard is None and not sync_follows:
+        state.check_flag(flag, ctx, local=True)
+        return Exchange(Kind.NONE)
+    if state.guard is None and round_checks:
         return Exchange(Kind.NONE)
     if not sync_follows:
         state.guard.expect()

@@ -232,9 +232,9 @@ class AlgorithmState:
         """Model-side work right after optimizer.step() (needs attach_optimizer)."""
 
     # -- non-finite policy (cser_hooks/nonfinite.py), timing, step accounting -------------------
-    def raise_if_nonfinite(self, flag_value: float, ctx: StepContext) -> None:
+    def raise_if_nonfinite(self, flag_value: float, ctx: StepContext, local: bool = False) -> None:
         if flag_value != 0:
-            raise nonfinite_error(self.comm.rank, flag_value, ctx.step, ctx.key, type(self).__name__)
+            raise nonfinite_error(self.comm.rank, flag_value, ctx.step, ctx.key, type(self).__name__, local=local)
 
     def begin_iteration(self, iteration: int) -> None:
         """The front end's first hook call of an iteration: settle the last step's verdict (skip
@@ -260,20 +260,22 @@ class AlgorithmState:
         if self.guard is not None:
             self.guard.snapshot(key, self.buffers.get(key, {}))
 
-    def check_flag(self, flag: torch.Tensor, ctx: StepContext, grad: torch.Tensor | None = None) -> None:
+    def check_flag(self, flag: torch.Tensor, ctx: StepContext, grad: torch.Tensor | None = None,
+                   local: bool = False) -> None:
         """The summed flag of a decoded key. raise: every rank raises when it is non-zero (deferred one
-        bucket on CUDA: no sync). skip: added to the step's verdict; ``grad`` gets a NaN when flagged."""
+        bucket on CUDA: no sync); ``local``: this rank's own flag of a step that shares nothing, raised
+        on this rank alone. skip: added to the step's verdict; ``grad`` gets a NaN when flagged."""
         if self.guard is not None:
             self.guard.add(flag)
             if grad is not None:
                 poison(grad, flag)
             return
         if flag.device.type == "cpu":
-            self.raise_if_nonfinite(float(flag), ctx)
+            self.raise_if_nonfinite(float(flag), ctx, local)
         else:
-            prev, self._pending_flag = self._pending_flag, (flag, ctx)
+            prev, self._pending_flag = self._pending_flag, (flag, ctx, local)
             if prev is not None:
-                self.raise_if_nonfinite(float(prev[0]), prev[1])
+                self.raise_if_nonfinite(float(prev[0]), prev[1], prev[2])
 
     def timed(self, t0: float) -> None:
         self.counters.timed(t0)

@@ -194,6 +194,28 @@ def test_raise_policy_still_raises_on_every_rank():
     assert "rank 0" in text and "rank 1" in text
 
 
+@pytest.mark.parametrize("algo", ["dist_ef_sgdm", "qprsgd", "qsparse", "cser_pl"])
+def test_raise_policy_raises_on_every_rank_together(algo):
+    # an inf loss on rank 1 at step 7: dist-EF-SGDM's server flag (read from Δ's block scales) and, for
+    # the local-SGD methods, the flag shared on a step a synchronization follows make both ranks raise
+    # the non-finite error itself (not one rank that error and the other a failed collective)
+    with pytest.raises(RankError) as err:
+        run_ranks(_train, 2, algo, 10, {7}, policy="raise", scaler_on=False, timeout=120)
+    text = str(err.value)
+    assert "rank 0: non-finite gradient" in text and "rank 1: non-finite gradient" in text, text
+    assert "collective failed" not in text and "every rank raises this together" in text, text
+
+
+@pytest.mark.parametrize("algo", ["qprsgd", "qsparse"])
+def test_raise_policy_on_a_local_step_says_it_is_one_ranks_own(algo):
+    # step 5 is a purely local step: rank 1 raises alone, and says so; rank 0 stops at the synchronization
+    with pytest.raises(RankError) as err:
+        run_ranks(_train, 2, algo, 10, {5}, policy="raise", scaler_on=False, timeout=120)
+    text = str(err.value)
+    assert "rank 1: non-finite gradient (NaN/Inf) at step 5" in text and "this rank raises alone" in text, text
+    assert "rank 0: non-finite gradient" not in text, text
+
+
 def test_skip_without_a_scaler_raises_instead_of_training_on_nan():
     with pytest.raises(RankError) as err:
         run_ranks(_train, 2, "cser", 6, {3}, scaler_on=False, timeout=120)

@@ -9,8 +9,9 @@ the local gradient (no communication) and the user's optimizer steps locally (mo
 All-reduce mode (every rank ends the round with the same model):
     Δ_i = x_i − x_last + e_i ;  q_i = Q(Δ_i) ;  e_i ← Δ_i − q_i
     x_last ← x_last + Σ_j (1/n) q_j  (rank order) ;  x_i ← x_last
-  code: ``e`` holds Δ_i then the error (e ← (e + x) − x_last, compress_ef); one allgather of the
-  packed [flag, Q payload]; the payloads are decompressed and averaged into ``xlast``.
+  code: ``e`` holds Δ_i then the error (e ← e + (x − x_last), compress_ef); one allgather of the
+  packed [flag, Q payload]; the payloads are decompressed and added, times 1/n in rank order, into
+  ``xlast``. The non-finite flag is read from ‖Δ_i‖, which the diagnostics compute anyway.
 Gossip mode (ring, point-to-point only: each rank talks to ranks i−1 and i+1, weights
 w_ii = w_{i,i±1} = 1/3; with n = 2 both neighbours are the other rank, so w_{i,1−i} = 2/3):
     Δ_i = x_i − x̂_i ;  q_i = Q(Δ_i) ;  send q_i to the neighbours, receive theirs
@@ -47,7 +48,6 @@ from ..compressors import get_compressor
 from ..compressors.base import is_real
 from ..exchange import StepContext, layout_of, pack, unpack
 from ..knobs import integer_knob
-from ..nonfinite import nonfinite_flag
 from .model_sync import ModelSync, flat_params, write_params
 
 
@@ -104,12 +104,21 @@ class QPRSGD(ModelSync):
 
     def diagnostics(self) -> list:
         """Per round and key (the last 1000): ‖x − x_last‖ (progress), ‖Δ‖ and ‖Δ − Q(Δ)‖ (error)."""
-        return list(self._log)
+        out = []
+        for s, key, norms in self._log:
+            progress, delta, error = norms.tolist()
+            out.append({"step": s, "key": key, "progress": progress, "delta": delta, "error": error})
+        return out
 
     def _record(self, key, s, progress, delta, error):
-        self._log.append({"step": s, "key": key, "progress": float(progress), "delta": float(delta),
-                          "error": float(error)})
+        # kept on the device: reading them here would be a host sync every round on CUDA
+        self._log.append((s, key, torch.stack([progress, delta, error])))
         del self._log[:-1000]
+
+    @staticmethod
+    def _flag_of_norm(norm: torch.Tensor) -> torch.Tensor:
+        """1.0 if the norm is NaN/Inf (a NaN/Inf in the vector makes it so), else 0.0; no extra pass."""
+        return (~torch.isfinite(norm)).to(torch.float32).view(1)
 
     def sync(self, key, s, params, pctx):
         t0 = time.perf_counter()
@@ -129,30 +138,30 @@ class QPRSGD(ModelSync):
 
     def _allreduce_round(self, key, s, x, xlast, e, mk, pctx, t0):
         n = self.comm.world_size
-        progress = (x - xlast).norm()
-        e.add_(x).sub_(xlast)                                        # Δ = e + x − x_last
+        x.sub_(xlast)                                                # x − x_last (x is a fresh copy)
+        progress = x.norm()
+        e.add_(x)                                                    # Δ = e + (x − x_last)
         delta = e.norm()
-        flag = nonfinite_flag(e) if self.check_finite else torch.zeros(1, device=x.device)
+        flag = self._flag_of_norm(delta) if self.check_finite else torch.zeros(1, device=x.device)
         payload = self.compressor.compress_ef(e, mk, pctx.segments)  # e ← Δ − Q(Δ)
         layout = layout_of(payload)
         buf = pack(payload, flag)
         self.timed(t0)
         received = self.comm.allgather_async(buf).wait()
         t0 = time.perf_counter()
-        acc = torch.zeros_like(xlast)
         flags = []
-        for r in range(n):
+        for r in range(n):                                           # x_last ← x_last + Σ_j (1/n) q_j
             pl, f = unpack(received[r].clone(), layout, True)
             flags.append(f)
-            self.compressor.decompress_add(pl, acc, 1.0 / n, mk, pctx.segments)
-        xlast.add_(acc)                                              # x_last ← x_last + avg_j q_j
+            self.compressor.decompress_add(pl, xlast, 1.0 / n, mk, pctx.segments)
         self.timed(t0)
         self._record(key, s, progress, delta, e.norm())
         self._check(flags, key, s, x.numel())
 
     def _gossip_round(self, key, s, x, xhat, mix, mk, pctx, t0):
         d = x - xhat                                                 # Δ = x − x̂
-        flag = nonfinite_flag(d) if self.check_finite else torch.zeros(1, device=x.device)
+        dn = d.norm()
+        flag = self._flag_of_norm(dn) if self.check_finite else torch.zeros(1, device=x.device)
         payload = self.compressor.compress(d, mk, pctx.segments)
         q = self.compressor.decompress(payload, d.numel(), torch.float32, mk, pctx.segments)
         layout = layout_of(payload)
@@ -170,5 +179,5 @@ class QPRSGD(ModelSync):
             self.compressor.decompress_add(pl, mix, w, mk, pctx.segments)
         x.add_(mix - xhat, alpha=self.gamma)                         # x_i ← x_i + γ (s_i − x̂_i)
         self.timed(t0)
-        self._record(key, s, d.norm(), d.norm(), (d - q).norm())
+        self._record(key, s, dn, dn, d.sub_(q).norm())
         self._check(flags, key, s, x.numel())
