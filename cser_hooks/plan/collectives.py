@@ -287,7 +287,9 @@ def _qsparse(buckets, world, compressor, period=8, **_):
 def _qprsgd(buckets, world, compressor="qsgd:s=15,block=64", period=4, mode="allreduce", **_):
     if mode != "allreduce":
         raise ValueError("qprsgd: only mode='allreduce' is modelled")
-    return _model_sync(buckets, world, _compressor(compressor), period, 9)
+    # the round's passes besides Q and its decodes: the flat copy, x − x_last, ‖x − x_last‖, e += ..., ‖Δ‖,
+    # ‖e‖ after Q, the write back
+    return _model_sync(buckets, world, _compressor(compressor), period, 7)
 
 
 def _powersgd(buckets, rank: int):
