@@ -82,14 +82,15 @@ def window_prediction(name: str, work, link, costs) -> tuple[float, float, float
     return t, wire, pred.compress_s
 
 
-def sync_cost(sync_step: float | None, floor: float, work, link) -> float:
-    """σ: the sync floor's measured step − the floor − the modelled time of its own tiny allreduce (>= 0;
-    0 where the sync floor did not run)."""
+def sync_cost(sync_step: float | None, work, link, costs) -> float:
+    """σ: what the sync floor's measured step has beyond its own prediction with σ = 0 (the floor, its tiny
+    allreduce *and* its error-feedback passes over the bucket, which every EF-like method is charged for
+    by its own prediction already); >= 0, and 0 where the sync floor did not run."""
     if sync_step is None:
         return 0.0
-    tr = plan.traffic(SYNC_FLOOR, work, WORKERS)
-    own = sum(link.seconds(c, WORKERS) for c in tr.regular.collectives)
-    return max(0.0, sync_step - floor - own)
+    unsynced = plan.Link(link.bandwidth_bps, link.latency_s, link.overhead, 0.0)
+    own, _wire, _comp = window_prediction(SYNC_FLOOR, work, unsynced, costs)
+    return max(0.0, sync_step - own)
 
 
 def fit_bandwidth(dense_step: float, floor: float, work, latency_s: float, sync_s: float = 0.0) -> float:
@@ -116,7 +117,7 @@ def analyse(results: dict[str, dict], work_of, costs) -> list[dict]:
         dense_meas = measured_step(by["dense"]) if "dense" in by else None
         sync_meas = measured_step(by[SYNC_FLOOR]) if SYNC_FLOOR in by else None
         nominal = None if link_name == "none" else plan.Link.parse(link_name, LATENCY)
-        sync_s = sync_cost(sync_meas, floor, work, nominal or plan.Link(1e12, lat, 0.0))
+        sync_s = sync_cost(sync_meas, work, nominal or plan.Link(1e12, lat, 0.0), costs)
         fitted_bps = fit_bandwidth(dense_meas, floor, work, lat, sync_s) if dense_meas else None
         if nominal is None:
             primary = plan.Link(fitted_bps, lat, 0.0, sync_s)
@@ -175,8 +176,9 @@ def report(rows: list[dict], meta: dict) -> str:
            "construction). `fitted` columns: the same fit applied to the shaped links, for information only. "
            "σ, the fixed cost per communicating step (`Link.sync_s`, `--sync`; paid at its first collective), "
            "is measured per link in the same workers: "
-           f"the sync floor `{SYNC_FLOOR}` (one allreduce of a few bytes per step) − the floor − its own "
-           "modelled allreduce; `error without σ` shows the same prediction with σ = 0.",
+           f"the sync floor `{SYNC_FLOOR}` (one allreduce of a few bytes per step) − its own prediction with "
+           "σ = 0 (the floor, that allreduce and its error-feedback passes); `error without σ` shows the same "
+           "prediction with σ = 0.",
            "", f"**{within} of {len(ok)} predictions within ±{100 * TOLERANCE:.0f} %.**", "",
            "| link | method | floor ms | measured ms/step | predicted ms/step | error | predicted (fitted bw) | "
            "error (fitted) | error without σ | wire MB/step predicted | wire MB/step stats() | veth MB/step |",

@@ -53,8 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sync", default="0us",
                    help="fixed cost per step that communicates, beyond --latency: the ranks' arrival skew, paid "
                         "at the step's first collective (default 0). Measure it in your job as the step time of a "
-                        "method that allreduces a few bytes each step (bench: ef-rb@1/1000000) minus the step "
-                        "without communication (bench: local-sgd@100000); 4 workers sharing 2 cores: 7-60 ms")
+                        "method that allreduces a few bytes each step (bench: ef-rb@1/1000000) minus this "
+                        "command's prediction for that method with --sync 0 (the step without communication "
+                        "plus its tiny allreduce and its passes over the bucket); 4 workers sharing 2 cores: "
+                        "8-45 ms")
     p.add_argument("--compute-ms", type=float, required=True,
                    help="measured forward + backward + optimizer time of one step WITHOUT communication, ms")
     p.add_argument("--backward-share", type=float, default=0.6,
