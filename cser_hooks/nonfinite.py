@@ -210,17 +210,16 @@ class StepGuard:
         return sum(t.numel() * t.element_size() for v in self.shadows.values() for t in v.values())
 
 
-def local_step_exchange(state, flag: torch.Tensor | None, ctx: StepContext, sync_follows: bool,
-                        round_checks: bool = False) -> Exchange:
+def local_step_exchange(state, flag: torch.Tensor | None, ctx: StepContext, sync_follows: bool) -> Exchange:
     """The exchange of a step that shares no gradient (local SGD, CSER-PL), for the non-finite check.
 
-    raise: on a purely local step the check is this rank's own (it raises alone and says so; the
-    others stop at the next synchronization with a collective failure). When a synchronization follows,
-    every rank raises together: if ``round_checks`` (every rank sends a payload with its own non-finite
-    flag in that round; the same on every rank, from the schedule) the round's flag does it, since a
-    non-finite gradient makes the model it sends non-finite, and this step sends nothing; otherwise the
-    1-element flag is averaged over the ranks (:func:`local_step_verdict` reads it).
-    skip: when a synchronization follows, the flag is averaged over the ranks, so an overflow on
+    When a model synchronization follows this step's optimizer step, the 1-element flag is averaged
+    over the ranks (:func:`local_step_verdict` reads it), with either policy: it is decided in the hook,
+    before any optimizer step, so every rank takes the same way into the synchronization (a round's own
+    flag would come too late: a GradScaler may already have skipped one rank's step, and with it that
+    rank's synchronization). raise: every rank raises together; on a purely local step the check is
+    this rank's own (it raises alone and says so; the others stop at the next synchronization with a
+    collective failure). skip: an overflow on
     any rank skips the step and its synchronization on every rank, and the step runs again; on a
     purely local step an overflow is this rank's alone: its GradScaler skips its own local update,
     the state is untouched, and the ranks' step counters stay aligned (a ``local`` flag: an
@@ -229,8 +228,6 @@ def local_step_exchange(state, flag: torch.Tensor | None, ctx: StepContext, sync
         return Exchange(Kind.NONE)
     if state.guard is None and not sync_follows:
         state.check_flag(flag, ctx, local=True)
-        return Exchange(Kind.NONE)
-    if state.guard is None and round_checks:
         return Exchange(Kind.NONE)
     if not sync_follows:
         state.guard.expect()

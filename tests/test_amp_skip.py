@@ -194,13 +194,16 @@ def test_raise_policy_still_raises_on_every_rank():
     assert "rank 0" in text and "rank 1" in text
 
 
+@pytest.mark.parametrize("scaler_on", [False, True], ids=["no_scaler", "scaler"])
 @pytest.mark.parametrize("algo", ["dist_ef_sgdm", "qprsgd", "qsparse", "cser_pl"])
-def test_raise_policy_raises_on_every_rank_together(algo):
+def test_raise_policy_raises_on_every_rank_together(algo, scaler_on):
     # an inf loss on rank 1 at step 7: dist-EF-SGDM's server flag (read from Δ's block scales) and, for
-    # the local-SGD methods, the flag shared on a step a synchronization follows make both ranks raise
-    # the non-finite error itself (not one rank that error and the other a failed collective)
+    # the local-SGD methods, the flag shared in the hook of a step a synchronization follows make both
+    # ranks raise the non-finite error itself (not one rank that error and the other a failed collective).
+    # With a GradScaler too: were the check left to the round, rank 1's scaler would skip its step and
+    # with it its synchronization, and rank 0 would wait in the round alone.
     with pytest.raises(RankError) as err:
-        run_ranks(_train, 2, algo, 10, {7}, policy="raise", scaler_on=False, timeout=120)
+        run_ranks(_train, 2, algo, 10, {7}, policy="raise", scaler_on=scaler_on, timeout=120)
     text = str(err.value)
     assert "rank 0: non-finite gradient" in text and "rank 1: non-finite gradient" in text, text
     assert "collective failed" not in text and "every rank raises this together" in text, text

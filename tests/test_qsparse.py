@@ -165,10 +165,9 @@ def test_wire_bytes_equal_formula(world, name):
                 # every rank enters the collective: a flag, plus the payload when it syncs itself
                 want += sum(4 + (qcomp_wire_bytes(cfg["kw"]["compressor"], n) if syncs(cfg, ws, rank, s) else 0)
                             for n in sizes)
-            who = [syncs(cfg, ws, j, t) for j in range(ws)]
-            if any(who) and not all(who):
-                # on_nonfinite='raise': the round after step t does not carry every rank's own flag, so
-                # step t's hook shares the gradient's (a 4-byte allreduce per key)
+            if any(syncs(cfg, ws, j, t) for j in range(ws)):
+                # a synchronization follows step t: its hook shares the gradient's non-finite flag
+                # (a 4-byte allreduce per key), so every rank raises together
                 want += 4 * len(sizes)
             assert got[t] == want, f"{name} rank {rank} step {t}: {got[t]} bytes, formula {want}"
 

@@ -61,12 +61,6 @@ class ModelSync(AlgorithmState):
     def sync_due(self, s: int) -> bool:
         raise NotImplementedError
 
-    def round_checks(self, s: int) -> bool:
-        """Every rank sends, in the synchronization after step s, a payload with its own non-finite flag
-        (the same answer on every rank). Then on_nonfinite='raise' needs no flag of step s's gradient: a
-        non-finite gradient makes the model sent non-finite, and the round raises on every rank."""
-        return self.sync_due(s)
-
     def init_bucket(self, key, flat: torch.Tensor) -> None:
         raise NotImplementedError
 
@@ -107,7 +101,7 @@ class ModelSync(AlgorithmState):
 
     def encode(self, grad, ctx: StepContext) -> Exchange:
         flag = nonfinite_flag(grad) if self.check_finite else None
-        return local_step_exchange(self, flag, ctx, self.sync_due(ctx.step), self.round_checks(ctx.step))
+        return local_step_exchange(self, flag, ctx, self.sync_due(ctx.step))
 
     def decode(self, grad, received, ctx):
         return local_step_verdict(self, grad, received, ctx)

@@ -98,10 +98,6 @@ class QsparseLocalSGD(ModelSync):
     def sync_due(self, s: int) -> bool:
         return any(self.syncs(r, s) for r in range(self.comm.world_size))
 
-    def round_checks(self, s: int) -> bool:
-        # a rank that does not sync itself sends only a zero flag
-        return all(self.syncs(r, s) for r in range(self.comm.world_size))
-
     def init_bucket(self, key, flat):
         self.model_buffer(key, "xbar", flat)
         self.model_buffer(key, "xhat", flat)

@@ -268,14 +268,16 @@ def _dist_ef_sgdm(buckets, world, compressor="sign_blockwise", **_):
 
 
 def _model_sync(buckets, world, comp, period, sync_copies):
-    """Qsparse / QPRSGD (all-reduce mode): local steps; every ``period`` steps one blocking allgather
-    of [flag, payload] per bucket after the optimizer step."""
+    """Qsparse / QPRSGD (all-reduce mode): local steps; every ``period`` steps the hook's 4-byte non-finite
+    flag allreduce per bucket (a synchronization follows) and one blocking allgather of [flag, payload]
+    per bucket after the optimizer step."""
     local = _plan(buckets, lambda b: ([], C.copies(2)))  # flat_params, non-finite check
     colls = tuple(Collective(wire.ALLGATHER, 4 + comp.wire_bytes(b.n, _f32(), list(b.segments)), blocking=True)
                   for b in buckets)
     work = tuple((op, m, 4 * b.n) for b in buckets for op, m in
                  C.copies(sync_copies) + C.encode_passes(comp, b.n) + C.scaled(C.decode_passes(comp, b.n), world))
-    return local, _plan(buckets, lambda b: ([], C.copies(2)), (colls, work)), int(period)
+    flag = [Collective(wire.ALLREDUCE, 4)]
+    return local, _plan(buckets, lambda b: (flag, C.copies(2)), (colls, work)), int(period)
 
 
 def _qsparse(buckets, world, compressor, period=8, **_):
