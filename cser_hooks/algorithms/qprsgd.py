@@ -48,6 +48,7 @@ from ..compressors import get_compressor
 from ..compressors.base import is_real
 from ..exchange import StepContext, layout_of, pack, unpack
 from ..knobs import integer_knob
+from ..nonfinite import nonfinite_flag
 from .model_sync import ModelSync, flat_params, write_params
 
 
@@ -115,11 +116,6 @@ class QPRSGD(ModelSync):
         self._log.append((s, key, torch.stack([progress, delta, error])))
         del self._log[:-1000]
 
-    @staticmethod
-    def _flag_of_norm(norm: torch.Tensor) -> torch.Tensor:
-        """1.0 if the norm is NaN/Inf (a NaN/Inf in the vector makes it so), else 0.0; no extra pass."""
-        return (~torch.isfinite(norm)).to(torch.float32).view(1)
-
     def sync(self, key, s, params, pctx):
         t0 = time.perf_counter()
         x = flat_params(params)
@@ -142,7 +138,7 @@ class QPRSGD(ModelSync):
         progress = x.norm()
         e.add_(x)                                                    # Δ = e + (x − x_last)
         delta = e.norm()
-        flag = self._flag_of_norm(delta) if self.check_finite else torch.zeros(1, device=x.device)
+        flag = nonfinite_flag(delta) if self.check_finite else torch.zeros(1, device=x.device)
         payload = self.compressor.compress_ef(e, mk, pctx.segments)  # e ← Δ − Q(Δ)
         layout = layout_of(payload)
         buf = pack(payload, flag)
@@ -161,7 +157,7 @@ class QPRSGD(ModelSync):
     def _gossip_round(self, key, s, x, xhat, mix, mk, pctx, t0):
         d = x - xhat                                                 # Δ = x − x̂
         dn = d.norm()
-        flag = self._flag_of_norm(dn) if self.check_finite else torch.zeros(1, device=x.device)
+        flag = nonfinite_flag(dn) if self.check_finite else torch.zeros(1, device=x.device)
         payload = self.compressor.compress(d, mk, pctx.segments)
         q = self.compressor.decompress(payload, d.numel(), torch.float32, mk, pctx.segments)
         layout = layout_of(payload)
