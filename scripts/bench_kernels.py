@@ -16,14 +16,15 @@ Operations (docs/algorithms.md §1-2; all through cser_hooks.kernels, CPU tensor
   block's scale is known only after reading all of it, so g and e are read twice); sign decompress:
   ``sign_decompress`` (blocks of 64 and 2^20).
 * qsgd compress+EF: ``qsgd_compress`` with s = 15 (4-bit levels), blocks of 4096 and of 64 (QPRSGD's:
-  one norm per 64 elements), residual written in place into p; the uniforms are pre-drawn
-  (``torch.rand`` is its own row); qsgd decompress, for both block sizes.
+  one norm per 64 elements), residual written in place into p; the rounding uniforms are drawn
+  inside the kernel (a counter hash per element), so the row is the whole compress; qsgd decompress,
+  for both block sizes.
 * random_block gather+zero: ``block_gather_zero`` at ratio 1/4, b = 256 (the EF residual update in
   one pass); random_block scatter: ``block_scatter`` of that payload.
 * top-k select: ``topk_select`` at k = numel/64 next to ``torch.topk(x.abs(), k)``;
   top-k scatter-add: ``scatter_add_indices`` of that payload.
 * baselines: ``torch.clone``, ``copy_`` into a preallocated tensor, fp16 cast into a preallocated
-  buffer, ``torch.rand`` (the uniforms qsgd needs).
+  buffer.
 
 Each row is the best of several repetitions (at least 3, and at least ``--min-time`` seconds).
 
@@ -71,7 +72,6 @@ def bench_size(mb: int, min_time: float):
     g = torch.randn(n, generator=gen)
     e = torch.randn(n, generator=gen) * 0.01
     p = torch.randn(n, generator=gen)
-    u = torch.rand(n, generator=gen)
     rows = []
 
     def add(name, fn):
@@ -82,7 +82,6 @@ def bench_size(mb: int, min_time: float):
     add("copy (copy_ into preallocated)", lambda: dst.copy_(g))
     half = torch.empty(n, dtype=torch.float16)
     add("fp16 cast (baseline)", lambda: half.copy_(g))
-    add("torch.rand uniforms (qsgd input)", lambda: torch.rand(n, generator=gen))
 
     bits = torch.empty((n + 7) // 8, dtype=torch.uint8)
     out = torch.empty(n)
@@ -102,7 +101,7 @@ def bench_size(mb: int, min_time: float):
     for block in (4096, 64):  # 64: QPRSGD's blocks (one norm per 64 elements)
         norms = torch.empty((n + block - 1) // block)
         add(f"qsgd compress+EF (s=15, blocks of {block})",
-            lambda b=block, nm=norms: K.qsgd_compress(p, u, s, b, signs, levels, nm, residual_out=p))
+            lambda b=block, nm=norms: K.qsgd_compress(p, 12345, s, b, signs, levels, nm, residual_out=p))
         add(f"qsgd decompress (blocks of {block})",
             lambda b=block, nm=norms: K.qsgd_decompress(signs, levels, nm, s, b, out))
 

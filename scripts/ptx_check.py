@@ -63,11 +63,11 @@ def kernel_specs(full: bool = False):
         g = data[v]
         specs += [("sign_tile", v, cuda_sign.sign_tile, (g, I, f32, B, i64, I, I, I, u8, f32, f32, f32, B)),
                   ("qsgd_tile", v, cuda_qsgd.qsgd_tile,
-                   (g, I, f32, B, f32, i64, I, I, I, I, F, I, u8, u8, f32, f32, f32, B))]
+                   (g, I, f32, B, I, I, i64, I, I, I, I, F, I, u8, u8, f32, f32, f32, B))]
     for v in light:
         g = data[v]
         specs += [("sign_edges", v, cuda_sign.sign_edges, (g, I, f32, B, i64, I, I, I, f32, f32)),
-                  ("qsgd_edges", v, cuda_qsgd.qsgd_edges, (g, I, f32, B, f32, i64, I, I, I, I, F, I, u8, f32, f32, B)),
+                  ("qsgd_edges", v, cuda_qsgd.qsgd_edges, (g, I, f32, B, I, I, i64, I, I, I, I, F, I, u8, f32, f32, B)),
                   ("topk_hist", v, cuda_topk.topk_hist, (g, I, I, i64, I, I, i32)),
                   ("topk_count", v, cuda_topk.topk_count, (g, I, I, i64, I, i64))]
     for v in ("f32", "bf16") if not full else heavy:

@@ -34,7 +34,7 @@ import pytest
 import torch
 
 from cser_hooks.compressors import REGISTRY, Compressor, MaskKey, get_compressor
-from reference.masks import ref_blocks, ref_generator
+from reference.masks import ref_blocks, ref_seed, rounding_uniforms
 
 SIZES = (1, 7, 1023, 65539)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -48,7 +48,8 @@ MK = MaskKey(seed=3, step=11, key=2, salt="c1", rank=1)
 # plain references of docs/algorithms.md §1 (nothing imported from cser_hooks)
 
 
-# the shared-mask generator and block draw (ref_generator, ref_blocks): tests/reference/masks.py
+# the seeds, QSGD's uniforms and the shared-mask block draw (ref_seed, rounding_uniforms, ref_blocks):
+# tests/reference/masks.py
 
 
 def pack_bits(flags) -> np.ndarray:
@@ -213,7 +214,7 @@ def ref_qsgd(v, payload, mk, s, block, scale):
     nrm = norms.double().repeat_interleave(block)[:m]
     r = torch.where(nrm > 0, s * vd.abs() / nrm.clamp(min=1e-300), torch.zeros_like(vd))
     fl = r.floor()
-    u = torch.rand(m, generator=ref_generator(mk, per_rank=True)).double()
+    u = rounding_uniforms(m, ref_seed(mk, per_rank=True)).double()
     decided = (fl + (u < r - fl).double()).clamp(max=s)
     tau = 8 * U32 * r.clamp(min=1)
     # r == 0 (x == 0 or zero padding) is exact in any evaluation order, so never ambiguous

@@ -37,6 +37,7 @@ from reference.kernels import (
     ref_sign_stats,
     ref_topk,
 )
+from reference.masks import rounding_uniforms, rounding_uniforms_at
 
 SIZES = (1, 7, 1023, 65539)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -94,7 +95,7 @@ def test_statistics_exact_on_small_integers(n, dtype, how):
     assert torch.equal(scales, ref_sign_stats(p, offsets).float())
     block = 100
     norms = torch.empty((n + block - 1) // block)
-    K.qsgd_compress(p, torch.rand(n), 3, block, torch.empty((n + 7) // 8, dtype=torch.uint8),
+    K.qsgd_compress(p, 7, 3, block, torch.empty((n + 7) // 8, dtype=torch.uint8),
                     torch.empty((2 * n + 7) // 8, dtype=torch.uint8), norms)
     assert torch.equal(norms, ref_qsgd_norms(p, block).float())
 
@@ -149,23 +150,62 @@ def test_sign_tiles_cut_by_segments(n, how):
 
 # ------------------------------------------------------------------------------------------------
 # qsgd
+# rounding seeds: small, with the top bit of each 32-bit word set, and the largest allowed
+RSEEDS = (1, 0x7FFFFFFF_80000001, 0x1234_5678_9ABC_DEF0, (1 << 63) - 1)
+
+
+@pytest.mark.parametrize("seed", RSEEDS)
+def test_rounding_uniform_is_the_written_hash(seed):
+    """The kernels' inline uniform equals the reference hash, including indices past 2^32 (whose
+    high bits enter the second round) and at the word boundary."""
+    ru = cpu_segments.rounding_uniform
+    idx = np.array([0, 1, 2, 255, 65535, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 1, 2**40 + 7, 2**62 + 3])
+    got = torch.tensor([ru(np.int64(seed & 0xFFFFFFFF), np.int64(seed >> 32), int(i)) for i in idx])
+    assert torch.equal(got, rounding_uniforms_at(idx, seed))
+    assert not torch.equal(got[8:10], got[0:2]), "the index's high word must change the draw"
+
+
+def test_rounding_uniforms_look_uniform_and_independent():
+    """Over 2^20 elements: 64 equal bins each hold 1/64 within 5 sigma, neighbours and two ranks' seeds
+    are uncorrelated, and the values are multiples of 2^-24 in [0, 1)."""
+    n = 1 << 20
+    u = rounding_uniforms(n, RSEEDS[2]).double()
+    assert float(u.min()) >= 0 and float(u.max()) < 1 and torch.equal(u * 2**24, (u * 2**24).round())
+    counts = torch.bincount((u * 64).long(), minlength=64).double()
+    sd = (n / 64 * (1 - 1 / 64)) ** 0.5
+    assert float((counts - n / 64).abs().max()) < 5 * sd
+    other = rounding_uniforms(n, RSEEDS[2] ^ 1).double()  # a neighbouring seed (another rank's)
+    for a, b in ((u[:-1], u[1:]), (u, other)):
+        corr = float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+        assert abs(corr) < 5 / n ** 0.5, corr
+
+
+@pytest.mark.parametrize("bad", (-1, 1 << 63, True, 1.5, "3"))
+def test_qsgd_compress_rejects_a_bad_seed(bad):
+    n = 16
+    with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*63\)"):
+        K.qsgd_compress(torch.ones(n), bad, 3, 8, torch.empty(2, dtype=torch.uint8),
+                        torch.empty(4, dtype=torch.uint8), torch.empty(2))
+
+
 def _qsgd_case(n, dtype, s, block, seed):
     p = make_input(n, dtype, seed=seed)
-    u = torch.rand(n, generator=torch.Generator().manual_seed(seed + 1))
+    rseed = RSEEDS[seed % len(RSEEDS)]
+    u = rounding_uniforms(n, rseed)
     nbits = ref_nbits(s)
     signs = torch.full(((n + 7) // 8,), 0x55, dtype=torch.uint8)
     levels = torch.full(((n * nbits + 7) // 8,), 0x55, dtype=torch.uint8)
     norms = torch.full(((n + block - 1) // block,), float("nan"))
-    return p, u, nbits, signs, levels, norms
+    return p, rseed, u, nbits, signs, levels, norms
 
 
 @pytest.mark.parametrize("s,block", [(1, 7), (3, 64), (15, 1000), (255, 1 << 20), (4, 1)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", SIZES)
 def test_qsgd_compress_matches_reference(n, dtype, s, block):
-    p, u, nbits, signs, levels, norms = _qsgd_case(n, dtype, s, block, seed=n + s)
+    p, rseed, u, nbits, signs, levels, norms = _qsgd_case(n, dtype, s, block, seed=n + s)
     res = torch.full((n,), float("nan"))
-    K.qsgd_compress(p, u, s, block, signs, levels, norms, res)
+    K.qsgd_compress(p, rseed, s, block, signs, levels, norms, res)
     assert_stats(norms, ref_qsgd_norms(p, block), block_counts(n, block))
     lv = ref_qsgd_levels(p, u, s, block, norms)
     assert np.array_equal(signs.numpy(), ref_pack(p.float() >= 0))
@@ -179,9 +219,9 @@ def test_qsgd_compress_matches_reference(n, dtype, s, block):
 @pytest.mark.parametrize("out_dtype", OUT_DTYPES)
 def test_qsgd_decompress_dtypes_and_in_place(out_dtype):
     n, s, block = 65539, 7, 300
-    p, u, nbits, signs, levels, norms = _qsgd_case(n, torch.float32, s, block, seed=1)
+    p, rseed, u, nbits, signs, levels, norms = _qsgd_case(n, torch.float32, s, block, seed=1)
     orig = p.clone()
-    K.qsgd_compress(p, u, s, block, signs, levels, norms, residual_out=p)
+    K.qsgd_compress(p, rseed, s, block, signs, levels, norms, residual_out=p)
     lv = ref_qsgd_levels(orig, u, s, block, norms)
     dense = ref_qsgd_dense(orig, lv, s, block, norms)
     assert torch.equal(p, orig - dense)
@@ -195,7 +235,8 @@ def test_qsgd_decompress_dtypes_and_in_place(out_dtype):
 def test_qsgd_tiles_cut_by_blocks(block, s):
     n, tile = 65539, 64
     p = make_input(n, torch.float16, seed=21)
-    u = torch.rand(n, generator=torch.Generator().manual_seed(2))
+    rseed = RSEEDS[2]
+    u = rounding_uniforms(n, rseed)
     nbits = ref_nbits(s)
     signs = np.zeros((n + 7) // 8, np.uint8)
     levels = np.zeros((n * nbits + 7) // 8, np.uint8)
@@ -203,8 +244,10 @@ def test_qsgd_tiles_cut_by_blocks(block, s):
     partial = np.zeros(2 * ((n + tile - 1) // tile), np.float32)
     res = np.zeros(n, np.float32)
     scratch = np.zeros((numba.config.NUMBA_NUM_THREADS, tile), np.uint8)
-    cpu_qsgd.qsgd_compress(p.view(torch.uint16).numpy(), 1, res, False, u.numpy(), block, n, s, nbits, signs,
-                           levels, norms, partial, scratch, res, cpu_sign.RES_OUT, tile)
+    ubufs = np.zeros((numba.config.NUMBA_NUM_THREADS, tile), np.float32)
+    slo, shi = np.int64(rseed & 0xFFFFFFFF), np.int64(rseed >> 32)
+    cpu_qsgd.qsgd_compress(p.view(torch.uint16).numpy(), 1, res, False, slo, shi, block, n, s, nbits, signs,
+                           levels, norms, partial, scratch, ubufs, res, cpu_sign.RES_OUT, tile)
     nr = torch.from_numpy(norms)
     assert_stats(nr, ref_qsgd_norms(p, block), block_counts(n, block))
     lv = ref_qsgd_levels(p, u, s, block, nr)
@@ -219,13 +262,12 @@ def test_qsgd_is_unbiased_statistically():
     p = make_input(n, torch.float32, seed=4, zeros=False)
     nbits = ref_nbits(s)
     acc = torch.zeros(n, dtype=torch.float64)
-    g = torch.Generator().manual_seed(0)
     signs = torch.empty((n + 7) // 8, dtype=torch.uint8)
     levels = torch.empty((n * nbits + 7) // 8, dtype=torch.uint8)
     norms = torch.empty((n + block - 1) // block)
     out = torch.empty(n)
-    for _ in range(draws):
-        K.qsgd_compress(p, torch.rand(n, generator=g), s, block, signs, levels, norms)
+    for draw in range(draws):  # the seeds 0, 1, ...: consecutive seeds must round independently
+        K.qsgd_compress(p, draw, s, block, signs, levels, norms)
         K.qsgd_decompress(signs, levels, norms, s, block, out)
         acc += out.double()
     nrm = norms[torch.arange(n) // block].double()

@@ -33,6 +33,7 @@ from reference.kernels import (
     ref_sign_stats,
     ref_topk,
 )
+from reference.masks import rounding_uniforms
 
 pytestmark = pytest.mark.cudasim
 
@@ -105,7 +106,7 @@ def test_statistics_exact_on_small_integers(kmods, dtype):
     assert torch.equal(scales, ref_sign_stats(p, offsets).float())
     block = 100
     norms = np.zeros((n + block - 1) // block, np.float32)
-    kmods["qsgd"].qsgd_compress(bits_np(p), kind(dtype), np.zeros(1, np.float32), False, np.zeros(n, np.float32),
+    kmods["qsgd"].qsgd_compress(bits_np(p), kind(dtype), np.zeros(1, np.float32), False, np.int64(5), np.int64(0),
                                 block, n, 3, 2, np.zeros((n + 7) // 8, np.uint8), np.zeros((2 * n + 7) // 8, np.uint8),
                                 norms, np.zeros(1, np.float32), False, kmods["alloc"], tpb=TPB,
                                 max_blocks=MAX_BLOCKS, tile=tile_for(n))
@@ -149,14 +150,16 @@ CASES_QSGD += [(65539, torch.float32, 15, 1000)]
 @pytest.mark.parametrize("n,dtype,s,block", CASES_QSGD)
 def test_qsgd_kernels(kmods, n, dtype, s, block):
     p = make_input(n, dtype, seed=n + s)
-    u = torch.rand(n, generator=torch.Generator().manual_seed(s))
+    rseed = (s << 40) | (n << 8) | 0xF1  # the seed's high word in play
+    u = rounding_uniforms(n, rseed)
     nbits = ref_nbits(s)
     signs = np.full((n + 7) // 8, 0x55, np.uint8)
     levels = np.full((n * nbits + 7) // 8, 0x55, np.uint8)
     norms = np.full((n + block - 1) // block, np.nan, np.float32)
     res = np.full(n, np.nan, np.float32)
     dummy = np.zeros(1, np.float32)
-    kmods["qsgd"].qsgd_compress(bits_np(p), kind(dtype), dummy, False, u.numpy(), block, n, s, nbits, signs, levels,
+    kmods["qsgd"].qsgd_compress(bits_np(p), kind(dtype), dummy, False, np.int64(rseed & 0xFFFFFFFF),
+                                np.int64(rseed >> 32), block, n, s, nbits, signs, levels,
                                 norms, res, True, kmods["alloc"], tpb=TPB, max_blocks=MAX_BLOCKS, tile=tile_for(n))
     nr = torch.from_numpy(norms)
     assert_stats(nr, ref_qsgd_norms(p, block), block_counts(n, block))

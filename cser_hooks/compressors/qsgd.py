@@ -4,12 +4,11 @@
     r_i = |v_i| (s / ||v_B||_2)     (that order of fp32 operations on every device)
 
 so E[C(v)] = v. Blocks of ``block`` elements (default 512; the last may be short) each carry one
-fp32 norm. The uniforms are drawn on the tensor's device from a generator seeded by the
-:class:`MaskKey` *and the rank* (independent across ranks, reproducible on resume): torch's CPU
-generator on CPU, a CUDA (Philox) generator on the GPU (no host→device copy). The rounding only has
-to be independent across ranks and reproducible on one device type, so a CPU run and a GPU run of
-the same job round differently (with the same distribution); masks, unlike rounding, are the same on
-every device (random_block).
+fp32 norm. The uniforms are counter-based: u_i = (h_i >> 8)·2^-24 with h_i = mix(mix(i_lo ⊕ s_lo) ⊕
+s_hi ⊕ i_hi), the 32-bit integer hash of random_block's mask, where s is a seed of the
+:class:`MaskKey` *and the rank* (independent across ranks, reproducible on resume). The kernel computes
+u_i where it forms the level: no uniforms array, no generator state, and a CPU and a GPU run of the
+same job round alike.
 
 Wire: signs packed 1 bit/element, levels packed L bits/element with L the smallest of {1,2,4,8}
 with 2^L >= s+1 (so s <= 255), one fp32 norm per block:
@@ -25,6 +24,7 @@ import torch
 from .. import kernels
 from .base import Compressor, MaskKey, check_input, int_option, is_real
 from .bits import pack_codes, packed_nbytes, unpack_codes
+from .counter_hash import hash_counters
 
 
 def level_bits(s: int) -> int:
@@ -34,19 +34,15 @@ def level_bits(s: int) -> int:
     raise ValueError(f"qsgd: s must be <= 255, got {s}")
 
 
-_CUDA_GENERATORS: dict = {}  # device -> a torch.Generator, re-seeded per call (no allocation per step)
+def rounding_seed(mk: MaskKey) -> int:
+    """The 63-bit seed of the rank's rounding: a function of (mk, rank), the same on every device."""
+    return mk.generator_seed(per_rank=True)
 
 
-def uniforms(numel: int, mk: MaskKey, device) -> torch.Tensor:
-    """U[0, 1) per element, a function of (mk, rank) and the device type, drawn on ``device``."""
-    device = torch.device(device)
-    if device.type == "cpu":
-        return torch.rand(numel, generator=mk.cpu_generator(per_rank=True))
-    g = _CUDA_GENERATORS.get(device)
-    if g is None:
-        g = _CUDA_GENERATORS[device] = torch.Generator(device=device)
-    g.manual_seed(mk.generator_seed(per_rank=True))
-    return torch.rand(numel, generator=g, device=device)
+def reference_uniforms(numel: int, seed: int) -> torch.Tensor:
+    """The kernel's uniforms u_0..u_{numel-1} in plain torch (int64 arithmetic, exact; the spec above)."""
+    h = hash_counters(torch.arange(numel, dtype=torch.int64), seed)
+    return h.bitwise_right_shift_(8).float().mul_(2.0 ** -24)
 
 
 def reference_compress(p, u, s, block):
@@ -116,7 +112,6 @@ class QSGD(Compressor):
         levels, and optionally the residual written over ``x``, in one pass structure over the bucket."""
         check_input(x, self.name)
         n, b, s = x.numel(), self.block, self.s
-        u = uniforms(n, mk, x.device)
         flat = x.view(-1) if x.is_contiguous() else x.reshape(-1)
         if flat.dtype == torch.float64:
             flat = flat.float()
@@ -124,7 +119,8 @@ class QSGD(Compressor):
         levels = torch.empty(packed_nbytes(n, self.L), dtype=torch.uint8, device=x.device)
         norms = torch.empty(math.ceil(n / b), dtype=torch.float32, device=x.device)
         if n > 0:
-            kernels.qsgd_compress(flat, u, s, b, signs, levels, norms, residual_out=flat if residual else None)
+            kernels.qsgd_compress(flat, rounding_seed(mk), s, b, signs, levels, norms,
+                                  residual_out=flat if residual else None)
         return signs, levels, norms
 
     def decompress(self, payload, numel, dtype, mk, segments=None, out=None):

@@ -30,30 +30,13 @@ import torch
 
 from .. import kernels
 from .base import Compressor, MaskKey, check_input, int_option, is_real
-
-_M32 = 0xFFFFFFFF
-_MIX = 0x45D9F3B  # < 2^27: a product with a 32-bit value stays below 2^59, exact in int64
-
-
-def _mix32_(x: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer finalizer, in place on int64 values in [0, 2^32) (three xor-shifts, two
-    multiplies; in place because fresh bucket-sized temporaries cost more than the arithmetic)."""
-    for last in (False, False, True):
-        torch.bitwise_right_shift(x, 16, out=tmp)
-        x.bitwise_xor_(tmp)
-        if not last:
-            x.mul_(_MIX).bitwise_and_(_M32)
-    return x
+from .counter_hash import M32, hash_counters
 
 
 def block_scores(nblocks: int, mk: MaskKey, device) -> torch.Tensor:
     """The distinct int64 score of every block (see the module docstring), computed on ``device``."""
-    s = mk.generator_seed()
     b = torch.arange(nblocks, dtype=torch.int64, device=device)
-    x, tmp = b ^ (s & _M32), torch.empty_like(b)
-    _mix32_(x, tmp).bitwise_xor_((s >> 32) & 0x7FFFFFFF)
-    _mix32_(x, tmp)
-    return x.bitwise_right_shift_(1).bitwise_left_shift_(32).bitwise_or_(b)
+    return hash_counters(b, mk.generator_seed()).bitwise_right_shift_(1).bitwise_left_shift_(32).bitwise_or_(b)
 
 
 def select_blocks(numel: int, ratio: float, block: int, mk: MaskKey, device="cpu") -> torch.Tensor:
@@ -73,16 +56,16 @@ def reference_blocks(numel: int, ratio: float, block: int, mk: MaskKey) -> torch
 
     def mix(x: int) -> int:
         x ^= x >> 16
-        x = (x * _MIX) & _M32
+        x = (x * 0x45D9F3B) & M32
         x ^= x >> 16
-        x = (x * _MIX) & _M32
+        x = (x * 0x45D9F3B) & M32
         return x ^ (x >> 16)
 
     def score(b: int) -> int:
-        return ((mix(mix(b ^ (s & _M32)) ^ ((s >> 32) & 0x7FFFFFFF)) >> 1) << 32) | b
+        return ((mix(mix(b ^ (s & M32)) ^ ((s >> 32) & 0x7FFFFFFF)) >> 1) << 32) | b
 
     smallest = sorted(score(b) for b in range(nblocks))[:k]
-    return torch.tensor(sorted(v & _M32 for v in smallest), dtype=torch.int64)
+    return torch.tensor(sorted(v & M32 for v in smallest), dtype=torch.int64)
 
 
 def reference_gather(x: torch.Tensor, blocks: torch.Tensor, block: int) -> torch.Tensor:

@@ -18,8 +18,9 @@ Wire formats (exact, shared by both backends and by the plain-torch references i
 * ``sign_*``: segments ``[offsets[j], offsets[j+1])``; scale_j = mean |p| over the segment (fp32
   accumulation, 0 for an empty segment); bit 1 iff p >= 0 (0 and -0.0 give +1).
 * ``qsgd_*``: blocks of ``block`` elements (last may be short), norm_j = ||p_B||_2 (fp32);
-  r = s|p|/norm (0 if norm == 0), level = min(s, floor(r) + (u < r - floor(r))), L bits per level
-  with L = :func:`qsgd_level_bits`; decompress ((norm * level) / s) * (+1 | -1).
+  r = s|p|/norm (0 if norm == 0), level = min(s, floor(r) + (u_i < r - floor(r))), L bits per level
+  with L = :func:`qsgd_level_bits`; u_i the counter-based uniform of (seed, i), drawn in the kernel;
+  decompress ((norm * level) / s) * (+1 | -1).
 * ``block_*``: sorted block indices of size b; payload k*b elements, past-the-end zero-padded.
 * ``topk_select``: the k largest |x| (ties to the lower index), indices ascending (int32).
 

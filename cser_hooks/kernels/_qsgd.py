@@ -2,12 +2,13 @@
 per-block norms, and decompression into any float dtype (docs/algorithms.md §1)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ._checks import _check_block, _res_mode
 from ._runtime import _cpu_run, _Cuda, _dummy_cuda_f32, _mod, _np, backend_for
 from ._views import COMPRESS_DTYPES, OUT_DTYPES, bit_view, check_flat, kind_of
-from ._workspace import _dummy_f32, _ntiles_partial, _thread_scratch, _thread_tables
+from ._workspace import _dummy_f32, _ntiles_partial, _thread_scratch, _thread_tables, _thread_uniforms
 
 
 def qsgd_level_bits(s: int) -> int:
@@ -20,12 +21,24 @@ def qsgd_level_bits(s: int) -> int:
     raise AssertionError("unreachable")
 
 
-def qsgd_compress(p: torch.Tensor, u: torch.Tensor, s: int, block: int, signs_out: torch.Tensor,
+def seed_words(seed: int, who: str = "qsgd_compress") -> tuple[np.int64, np.int64]:
+    """(s_lo, s_hi): the low 32 and next 31 bits of a 63-bit rounding seed, as the kernels take them."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < (1 << 63):
+        raise ValueError(f"{who}: seed must be an int in [0, 2**63), got {seed!r}")
+    seed = int(seed)
+    return np.int64(seed & 0xFFFFFFFF), np.int64(seed >> 32)
+
+
+def qsgd_compress(p: torch.Tensor, seed: int, s: int, block: int, signs_out: torch.Tensor,
                   levels_out: torch.Tensor, norms_out: torch.Tensor,
                   residual_out: torch.Tensor | None = None) -> None:
-    """QSGD(s) compress of flat ``p`` with caller-supplied uniforms ``u`` (f32[n]) into
+    """QSGD(s) compress of flat ``p`` into
     ``signs_out`` (uint8[ceil(n/8)]), ``levels_out`` (uint8[ceil(n*L/8)]), ``norms_out``
-    (f32[ceil(n/block)]); optional fused ``residual_out = p - C(p)`` (f32[n], may be ``p``)."""
+    (f32[ceil(n/block)]); optional fused ``residual_out = p - C(p)`` (f32[n], may be ``p``).
+
+    ``seed`` (an int in [0, 2^63), the rank's rounding seed) gives element i its uniform
+    ``rounding_uniform(seed, i)`` (docs/algorithms.md §1), drawn inside the kernel: no uniforms array is
+    allocated, written or read, and every device rounds alike."""
     who = "qsgd_compress"
     n = p.numel()
     gkind = kind_of(p, who, COMPRESS_DTYPES)
@@ -33,7 +46,7 @@ def qsgd_compress(p: torch.Tensor, u: torch.Tensor, s: int, block: int, signs_ou
     nbits = qsgd_level_bits(s)
     _check_block(block, who)
     dev = p.device
-    check_flat(u, who, "u", numel=n, dtype=torch.float32, device=dev)
+    slo, shi = seed_words(seed, who)
     check_flat(signs_out, who, "signs_out", numel=(n + 7) // 8, dtype=torch.uint8, device=dev)
     check_flat(levels_out, who, "levels_out", numel=(n * nbits + 7) // 8, dtype=torch.uint8, device=dev)
     check_flat(norms_out, who, "norms_out", numel=(n + block - 1) // block, dtype=torch.float32, device=dev)
@@ -48,14 +61,15 @@ def qsgd_compress(p: torch.Tensor, u: torch.Tensor, s: int, block: int, signs_ou
         res_mode = _res_mode(who, p, None, residual_out)
         with _cpu_run(n):
             _mod("cpu_qsgd").qsgd_compress(
-                _np(bit_view(p)), gkind, dummy, False, _np(u), block, n, s, nbits, _np(signs_out),
+                _np(bit_view(p)), gkind, dummy, False, slo, shi, block, n, s, nbits, _np(signs_out),
                 _np(levels_out), _np(norms_out), _ntiles_partial(n, tile), _thread_scratch(tile),
+                _thread_uniforms(tile),
                 _np(residual_out) if has_res else dummy, res_mode, tile)
         return
     with _Cuda(dev) as c:
         dummy = _dummy_cuda_f32(c)
         _mod("cuda_qsgd").qsgd_compress(
-            c.arr(bit_view(p)), gkind, dummy, False, c.arr(u), block, n, s, nbits, c.arr(signs_out),
+            c.arr(bit_view(p)), gkind, dummy, False, slo, shi, block, n, s, nbits, c.arr(signs_out),
             c.arr(levels_out), c.arr(norms_out), c.arr(residual_out) if has_res else dummy, has_res, c.alloc,
             stream=c.stream)
 
@@ -76,8 +90,6 @@ def qsgd_decompress(signs: torch.Tensor, levels: torch.Tensor, norms: torch.Tens
     if n == 0:
         return
     if backend_for(out) == "cpu":
-        import numpy as np
-
         with _cpu_run(n):
             _mod("cpu_qsgd").qsgd_decompress(_np(signs), _np(levels), _np(norms), np.float32(s), nbits, block, n,
                                              _mod("cpu_segments").TILE, _thread_tables(), _np(bit_view(out)), okind)

@@ -176,7 +176,7 @@ def make_scalar_ops(jit):
 
     @jit
     def qsgd_level(a, nrm, sf):
-        """QSGD level of |p| = a given the block norm, s as float32, and the uniform u (caller).
+        """QSGD level of |p| = a given the block norm, s as float32 (the caller draws u: rounding_uniform).
 
         Returns r = a*(s/nrm) (0 if nrm == 0) and floor(r); the caller adds (u < r - floor(r)). The
         fp32 operations are the torch path's (``|v| * (s / norms)``), so every device rounds alike.
@@ -188,7 +188,31 @@ def make_scalar_ops(jit):
         fl = np.float32(math.floor(r))
         return r, fl
 
+    @jit
+    def mix32(x):
+        """The 32-bit integer finalizer of random_block's mask (docs/algorithms.md §1) on an int64 in
+        [0, 2^32): x ^= x>>16; x = x*0x45D9F3B mod 2^32; x ^= x>>16; x = x*0x45D9F3B mod 2^32;
+        x ^= x>>16. The multiplier is below 2^27, so every product is exact in int64 (no overflow on
+        any target, the simulator included)."""
+        x = x ^ (x >> 16)
+        x = (x * np.int64(0x45D9F3B)) & np.int64(0xFFFFFFFF)
+        x = x ^ (x >> 16)
+        x = (x * np.int64(0x45D9F3B)) & np.int64(0xFFFFFFFF)
+        return x ^ (x >> 16)
+
+    @jit
+    def rounding_uniform(slo, shi, i):
+        """QSGD's uniform of element ``i`` (docs/algorithms.md §1): h = mix(mix(i_lo ^ s_lo) ^ s_hi ^ i_hi),
+        u = (h >> 8) * 2^-24 in [0, 1), exact in float32. ``slo`` / ``shi``: the low 32 / next 31 bits
+        of the rank's 63-bit seed; i_lo / i_hi: the low 32 / higher bits of the index. A counter-based
+        draw: no stream to keep, the same value on every device, computed where the level is."""
+        i = np.int64(i)
+        h = mix32(mix32((i & np.int64(0xFFFFFFFF)) ^ slo) ^ (shi ^ (i >> 32)))
+        return np.float32(h >> 8) * np.float32(5.9604644775390625e-08)
+
     return {
+        "mix32": mix32,
+        "rounding_uniform": rounding_uniform,
         "f16_bits_to_f32": f16_bits_to_f32,
         "bf16_bits_to_f32": bf16_bits_to_f32,
         "f32_to_f16_bits": f32_to_f16_bits,

@@ -41,6 +41,13 @@ def _thread_scratch(tile: int):
     return WORKSPACE.get("thread_scratch", (numba.config.NUMBA_NUM_THREADS, tile), "uint8")
 
 
+def _thread_uniforms(tile: int):
+    """float32 [pool threads, tile]: one row of QSGD uniforms per Numba thread."""
+    import numba
+
+    return WORKSPACE.get("thread_uniforms", (numba.config.NUMBA_NUM_THREADS, tile), "float32")
+
+
 def _thread_tables():
     """float32 [pool threads, 256]: per-thread lookup tables (qsgd level values)."""
     import numba

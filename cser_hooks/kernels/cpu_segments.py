@@ -28,6 +28,7 @@ visit_range = OPS["visit_range"]
 tile_regions = OPS["tile_regions"]
 finish_stat = OPS["finish_stat"]
 qsgd_level = OPS["qsgd_level"]
+rounding_uniform = OPS["rounding_uniform"]
 
 #: elements per CPU tile (64 KiB of fp32: stays in L2 between the sum and the output loops)
 TILE = 16384

@@ -11,18 +11,28 @@ import numpy as np
 from numba import float32
 
 from .cuda_launch import cuda, devfn, grid_for
-from .cuda_segments import TILE, finalize_kernel, load_p, qsgd_level, store_f32, tile_regions, tile_stats, visit_range
+from .cuda_segments import (
+    TILE,
+    finalize_kernel,
+    load_p,
+    qsgd_level,
+    rounding_uniform,
+    store_f32,
+    tile_regions,
+    tile_stats,
+    visit_range,
+)
 from .cuda_sign import sign_byte
 
 
 @devfn
-def qsgd_group(g, gkind, e, has_e, u, bsz, i0, i1, sf, nbits, norms, levels, res, has_res):
+def qsgd_group(g, gkind, e, has_e, slo, shi, bsz, i0, i1, sf, nbits, norms, levels, res, has_res):
     cur = 0
     for i in range(i0, i1):
         nrm = norms[i // bsz]
         p = load_p(g, gkind, e, has_e, i)
         r, fl = qsgd_level(abs(p), nrm, sf)
-        lvl = fl + float32(1.0) if u[i] < r - fl else fl
+        lvl = fl + float32(1.0) if rounding_uniform(slo, shi, i) < r - fl else fl
         if lvl > sf:
             lvl = sf
         if has_res:
@@ -39,7 +49,7 @@ def qsgd_group(g, gkind, e, has_e, u, bsz, i0, i1, sf, nbits, norms, levels, res
 
 
 @cuda.jit
-def qsgd_tile(g, gkind, e, has_e, u, dummy, bsz, n, nseg, tile, sf, nbits, signs, levels, norms, partial,
+def qsgd_tile(g, gkind, e, has_e, slo, shi, dummy, bsz, n, nseg, tile, sf, nbits, signs, levels, norms, partial,
               res, has_res):
     t = cuda.blockIdx.x
     lo = np.int64(t) * tile
@@ -53,12 +63,12 @@ def qsgd_tile(g, gkind, e, has_e, u, dummy, bsz, n, nseg, tile, sf, nbits, signs
         i1 = min(i0 + 8, hi)
         signs[q] = sign_byte(g, gkind, e, has_e, i0, i1)
         if i0 >= a_end and i0 < b_start:
-            qsgd_group(g, gkind, e, has_e, u, bsz, i0, i1, sf, nbits, norms, levels, res, has_res)
+            qsgd_group(g, gkind, e, has_e, slo, shi, bsz, i0, i1, sf, nbits, norms, levels, res, has_res)
         q += cuda.blockDim.x
 
 
 @cuda.jit
-def qsgd_edges(g, gkind, e, has_e, u, dummy, bsz, n, nseg, tile, sf, nbits, levels, norms, res, has_res):
+def qsgd_edges(g, gkind, e, has_e, slo, shi, dummy, bsz, n, nseg, tile, sf, nbits, levels, norms, res, has_res):
     t = cuda.blockIdx.x
     lo = np.int64(t) * tile
     hi = min(lo + tile, n)
@@ -68,7 +78,7 @@ def qsgd_edges(g, gkind, e, has_e, u, dummy, bsz, n, nseg, tile, sf, nbits, leve
     while q * 8 < hi:
         i0 = q * 8
         if i0 < a_end or i0 >= b_start:
-            qsgd_group(g, gkind, e, has_e, u, bsz, i0, min(i0 + 8, hi), sf, nbits, norms, levels, res, has_res)
+            qsgd_group(g, gkind, e, has_e, slo, shi, bsz, i0, min(i0 + 8, hi), sf, nbits, norms, levels, res, has_res)
         q += cuda.blockDim.x
 
 
@@ -86,7 +96,7 @@ def qsgd_decompress_kernel(signs, levels, norms, sf, nbits, bsz, n, out, okind):
         i += stride
 
 
-def qsgd_compress(g, gkind, e, has_e, u, bsz, n, s, nbits, signs, levels, norms, res, has_res, alloc,
+def qsgd_compress(g, gkind, e, has_e, slo, shi, bsz, n, s, nbits, signs, levels, norms, res, has_res, alloc,
                   stream=0, tpb=256, max_blocks=65535, tile=TILE, dummy=None):
     """Launch the three kernels. ``dummy``: any int64 device array (the unused offsets argument)."""
     ntiles = (n + tile - 1) // tile
@@ -95,11 +105,11 @@ def qsgd_compress(g, gkind, e, has_e, u, bsz, n, s, nbits, signs, levels, norms,
     if dummy is None:
         dummy = alloc.empty(1, np.int64)
     partial = alloc.empty(2 * ntiles, np.float64)
-    qsgd_tile[ntiles, tpb, stream](g, gkind, e, has_e, u, dummy, bsz, n, nseg, tile, sf, nbits, signs, levels,
+    qsgd_tile[ntiles, tpb, stream](g, gkind, e, has_e, slo, shi, dummy, bsz, n, nseg, tile, sf, nbits, signs, levels,
                                    norms, partial, res, has_res)
     if ntiles > 1:
         finalize_kernel[grid_for(ntiles, tpb, max_blocks), tpb, stream](dummy, bsz, n, nseg, tile, 2, partial, norms)
-        qsgd_edges[ntiles, tpb, stream](g, gkind, e, has_e, u, dummy, bsz, n, nseg, tile, sf, nbits, levels,
+        qsgd_edges[ntiles, tpb, stream](g, gkind, e, has_e, slo, shi, dummy, bsz, n, nseg, tile, sf, nbits, levels,
                                         norms, res, has_res)
 
 

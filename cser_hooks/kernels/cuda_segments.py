@@ -26,6 +26,7 @@ visit_range = OPS["visit_range"]
 tile_regions = OPS["tile_regions"]
 finish_stat = OPS["finish_stat"]
 qsgd_level = OPS["qsgd_level"]
+rounding_uniform = OPS["rounding_uniform"]
 
 #: a piece this short is summed by a single thread
 SMALL = 32

@@ -32,7 +32,6 @@ REPORT = Path(__file__).resolve().parents[2] / "docs" / "bench-kernels" / "repor
 OPS = {
     "copy": "copy (copy_ into preallocated)",
     "fp16": "fp16 cast (baseline)",
-    "rand": "torch.rand uniforms (qsgd input)",
     "sign_ef_64": "sign compress+EF (blocks of 64)",
     "sign_dec_64": "sign decompress (blocks of 64)",
     "sign_ef_4096": "sign compress+EF (blocks of 4096)",
@@ -55,7 +54,6 @@ _SIZES = (1.0, 16.0, 64.0, 256.0)
 _BUILTIN_GBPS = {
     "copy": (20.79, 28.20, 17.30, 24.28),
     "fp16": (21.74, 44.26, 24.04, 29.58),
-    "rand": (1.32, 1.32, 0.84, 0.84),
     "sign_ef_64": (2.34, 4.50, 3.25, 4.59),
     "sign_dec_64": (4.98, 8.41, 8.49, 8.42),
     "sign_ef_4096": (4.04, 12.17, 11.80, 12.64),
@@ -184,7 +182,7 @@ _PASSES = {
     "TopK": (lambda c, n: (("topk_select", 1.0),),
              lambda c, n: (("topk_scatter", kept_share(c, n) / TOPK_MEASURED_RATIO),)),
     "SignBlockwise": (lambda c, n: ((sign_rows(c.block)[0], 1.0),), lambda c, n: ((sign_rows(c.block)[1], 1.0),)),
-    "QSGD": (lambda c, n: ((_qsgd_row(c, "qsgd_ef"), 1.0), ("rand", 1.0)),
+    "QSGD": (lambda c, n: ((_qsgd_row(c, "qsgd_ef"), 1.0),),
              lambda c, n: ((_qsgd_row(c, "qsgd_dec"), 1.0),)),
 }
 

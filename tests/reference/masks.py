@@ -35,6 +35,21 @@ def _hash32(v: np.ndarray) -> np.ndarray:
     return v ^ (v >> np.uint64(16))
 
 
+def rounding_uniforms_at(idx: np.ndarray, seed63: int) -> torch.Tensor:
+    """QSGD's uniform of each element index in ``idx`` (docs/algorithms.md §1): the hash of the index
+    (low 32 bits against the seed's low word, then the seed's next 31 bits and the index's high bits),
+    its top 24 bits times 2^-24."""
+    idx = np.asarray(idx, dtype=np.uint64)
+    lo, hi = np.uint64(seed63 & 0xFFFFFFFF), np.uint64((seed63 >> 32) & 0x7FFFFFFF)
+    h = _hash32(_hash32((idx & np.uint64(0xFFFFFFFF)) ^ lo) ^ hi ^ (idx >> np.uint64(32)))
+    return torch.from_numpy((h >> np.uint64(8)).astype(np.float64) / 2.0 ** 24).float()
+
+
+def rounding_uniforms(n: int, seed63: int) -> torch.Tensor:
+    """The uniforms of elements 0 .. n-1 (float32, exact)."""
+    return rounding_uniforms_at(np.arange(n, dtype=np.uint64), seed63)
+
+
 def chosen_blocks(nblocks: int, k: int, seed63: int) -> torch.Tensor:
     """The k blocks of smallest (hash(block) >> 1, block), ascending: the draw of the shared mask."""
     idx = np.arange(nblocks, dtype=np.uint64)
@@ -107,13 +122,10 @@ class RefCompressor:
 # the same definition in the form of the compressor tests: a mask key ``mk`` is any object with the
 # fields seed, step, key, salt and rank (the package's MaskKey is one; it is not imported here)
 
-def ref_generator(mk, per_rank: bool = False) -> torch.Generator:
+def ref_seed(mk, per_rank: bool = False) -> int:
     """The brief's seed: blake2b-64 of "seed|step|key|salt" (QSGD: + "|rank{r}"), low 63 bits."""
     text = f"{mk.seed}|{mk.step}|{mk.key}|{mk.salt}" + (f"|rank{mk.rank}" if per_rank else "")
-    seed = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") & (2**63 - 1)
-    g = torch.Generator(device="cpu")
-    g.manual_seed(seed)
-    return g
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") & (2**63 - 1)
 
 
 def ref_blocks(numel: int, ratio: float, block: int, mk) -> tuple[int, torch.Tensor]:

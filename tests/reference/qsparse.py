@@ -3,8 +3,9 @@
 Also the dense reference quantizers used by the QPRSGD reference:
   * qsgd(s, block, scale): blocks of ``block`` values, norm ν_B = ‖v_B‖₂ (float64, rounded to fp32), r = |v|·(s/ν_B),
     level = ⌊r⌋ + [u < r − ⌊r⌋] (clamped to s), Q(v) = sign(v)·level·ν_B·(scale/s) with sign(0) = +1.
-    u ~ U[0,1) from ``torch.rand(len(v), generator)`` seeded with blake2b("{seed}|{step}|{key}|{salt}|
-    rank{rank}") (the brief's seed rule plus the rank: QSGD's rounding is independent across ranks).
+    u_k = the counter hash of element k under the seed blake2b("{seed}|{step}|{key}|{salt}|rank{rank}")
+    (``reference.masks.rounding_uniforms``: the brief's seed rule plus the rank, so QSGD's rounding is
+    independent across ranks).
   * top_k(ratio): the k = ⌈ratio·N⌉ largest |v|, kept in index order; Q∘top_k quantizes those k values.
   * sign (one block): (Σ|v|/len)·sign(v).
 Per bucket b, rank i: x̄ (global), x̂_i (last received), m_i (memory). After the optimizer step of
@@ -23,6 +24,7 @@ import math
 import torch
 
 from .common import World, layout_at
+from .masks import rounding_uniforms
 
 
 class TorchWorld(World):
@@ -67,8 +69,7 @@ def l2_norm(v: torch.Tensor) -> torch.Tensor:
 def rank_uniforms(n: int, seed: int, step: int, key, salt: str, rank: int) -> torch.Tensor:
     text = f"{seed}|{step}|{key}|{salt}|rank{rank}"
     gs = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") & ((1 << 63) - 1)
-    g = torch.Generator().manual_seed(gs)
-    return torch.rand(n, generator=g)
+    return rounding_uniforms(n, gs)
 
 
 def qsgd(v: torch.Tensor, s: int, block: int, scale: float, u: torch.Tensor) -> torch.Tensor:
