@@ -76,7 +76,8 @@ def kernel_specs(full: bool = False):
     for v in ("f32", "bf16") if not full else tuple(outs):
         o = outs[v]
         specs += [("sign_decompress_kernel", v, cuda_sign.sign_decompress_kernel, (u8, f32, i64, I, I, o, I)),
-                  ("qsgd_decompress_kernel", v, cuda_qsgd.qsgd_decompress_kernel, (u8, u8, f32, F, I, I, I, o, I)),
+                  ("qsgd_decompress_kernel", v, cuda_qsgd.qsgd_decompress_kernel,
+                   (u8, u8, f32, F, I, I, I, o, I, B, F)),
                   ("scatter_kernel add", v, cuda_blocks.scatter_kernel, (o, i64, I, I, o, B, I)),
                   ("scatter_indices_kernel", v, cuda_blocks.scatter_indices_kernel, (o, i32, o, I))]
     for v, raw in (("i32", i32),) if not full else (("i16", i16), ("i32", i32), ("i64", i64)):

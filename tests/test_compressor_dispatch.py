@@ -35,6 +35,7 @@ CPU_ROUTES = [
     ("qsgd:s=15,block=64", "compress_ef", {"qsgd_compress"}),     # fused: residual written by the kernel
     ("qsgd:s=15,block=64,scale=0.5", "compress_ef", {"qsgd_compress", "qsgd_decompress"}),  # scaled: unfused
     ("qsgd:s=15,block=64", "decompress", {"qsgd_decompress"}),
+    ("qsgd:s=15,block=64", "decompress_add", {"qsgd_decompress"}),  # accumulating: no temporary
     ("random_block:ratio=1/8,block=16", "compress", set()),       # index_select on CPU
     ("random_block:ratio=1/8,block=16", "compress_ef", set()),
     ("random_block:ratio=1/8,block=16", "overwrite", set()),
@@ -88,11 +89,14 @@ def test_cpu_tensors_take_the_cpu_kernels(calls, spec, op, expected):
         c.decompress(payload, x.numel(), x.dtype, mk)
     elif op == "decompress_add":
         payload = c.compress(x, mk)
-        calls.clear()
         out = torch.randn(n, generator=torch.Generator().manual_seed(1))
-        want = out.clone().index_add_(0, payload[1].long(), payload[0], alpha=0.25)
+        if spec.startswith("top_k"):
+            want = out.clone().index_add_(0, payload[1].long(), payload[0], alpha=0.25)
+        else:  # torch's add_ of the decompressed values
+            want = out.clone().add_(c.decompress(payload, n, torch.float32, mk), alpha=0.25)
+        calls.clear()
         c.decompress_add(payload, out, 0.25, mk)
-        assert torch.equal(out, want)  # alpha * v is exact for alpha = 1/4: the same sums as index_add_
+        assert torch.equal(out, want)  # alpha * v is exact for alpha = 1/4: the same sums
     else:
         run_op(c, op, x, mk)
     assert {name for name, _ in calls} == expected

@@ -230,6 +230,22 @@ def test_qsgd_decompress_dtypes_and_in_place(out_dtype):
     assert torch.equal(out, dense.to(out_dtype))
 
 
+@pytest.mark.parametrize("alpha", (0.25, -1.0 / 3))
+def test_qsgd_decompress_accumulates_in_place(alpha):
+    """alpha given: out += alpha * C(p) in the decompress pass, equal to torch's add_ of the decompressed
+    values (alpha * value rounded once, then the add); a non-fp32 out is refused."""
+    n, s, block = 65539, 15, 64
+    p, rseed, u, nbits, signs, levels, norms = _qsgd_case(n, torch.float32, s, block, seed=3)
+    K.qsgd_compress(p, rseed, s, block, signs, levels, norms)
+    dense = ref_qsgd_dense(p, ref_qsgd_levels(p, u, s, block, norms), s, block, norms)
+    base = make_input(n, torch.float32, seed=9)
+    out = base.clone()
+    K.qsgd_decompress(signs, levels, norms, s, block, out, alpha=alpha)
+    assert torch.equal(out, base + (dense * torch.tensor(alpha, dtype=torch.float32)))
+    with pytest.raises(ValueError, match="needs a float32 out"):
+        K.qsgd_decompress(signs, levels, norms, s, block, base.double(), alpha=alpha)
+
+
 @pytest.mark.parametrize("s", (15, 255))
 @pytest.mark.parametrize("block", (5, 64, 100, 5000))
 def test_qsgd_tiles_cut_by_blocks(block, s):

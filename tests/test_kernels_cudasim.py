@@ -187,6 +187,13 @@ def test_qsgd_decompress_kernel(kmods, n, out_dtype):
     kmods["qsgd"].qsgd_decompress(ref_pack(p >= 0), ref_pack(lv, nbits), norms.numpy(), s, nbits, block, n,
                                   bits_np(out), kind(out_dtype), tpb=32, max_blocks=MAX_BLOCKS)
     assert torch.equal(out, ref_qsgd_dense(p, lv, s, block, norms).to(out_dtype))
+    if out_dtype == torch.float32:  # accumulate: out += alpha * C (an FMA is allowed: one rounding fewer)
+        base = make_input(n, torch.float32, seed=8)
+        acc = base.clone()
+        kmods["qsgd"].qsgd_decompress(ref_pack(p >= 0), ref_pack(lv, nbits), norms.numpy(), s, nbits, block, n,
+                                      acc.numpy(), 0, True, -0.25, tpb=32, max_blocks=MAX_BLOCKS)
+        want = base.double() - 0.25 * ref_qsgd_dense(p, lv, s, block, norms).double()
+        torch.testing.assert_close(acc.double(), want, rtol=2 ** -23, atol=1e-30)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -143,5 +143,15 @@ class QSGD(Compressor):
             return res.to(dtype)
         return out.copy_(res)
 
+    def decompress_add(self, payload, out, alpha, mk, segments=None):
+        """out += alpha * C: one kernel pass over out, no decompressed temporary (QPRSGD's and EF's
+        allgather averages sum n of these). ``scale != 1`` or a non-fp32 / strided out: the base
+        class's decompress, then add."""
+        if self.scale == 1.0 and out.dtype == torch.float32 and out.dim() == 1 and out.is_contiguous():
+            if out.numel() > 0:
+                kernels.qsgd_decompress(*payload, self.s, self.block, out, alpha=alpha)
+            return out
+        return super().decompress_add(payload, out, alpha, mk, segments)
+
     def wire_bytes(self, numel, dtype=torch.float32, segments=None):
         return packed_nbytes(numel, 1) + packed_nbytes(numel, self.L) + 4 * math.ceil(numel / self.block)

@@ -75,12 +75,19 @@ def qsgd_compress(p: torch.Tensor, seed: int, s: int, block: int, signs_out: tor
 
 
 def qsgd_decompress(signs: torch.Tensor, levels: torch.Tensor, norms: torch.Tensor, s: int, block: int,
-                    out: torch.Tensor) -> None:
-    """out_i = ((norm_j * level_i) / s) * (+1 | -1); ``out`` of any float dtype."""
+                    out: torch.Tensor, alpha: float | None = None) -> None:
+    """out_i = ((norm_j * level_i) / s) * (+1 | -1); ``out`` of any float dtype.
+
+    ``alpha`` (fp32 ``out`` only): accumulate instead, out_i += alpha * that value, in the same pass (no
+    temporary: the allgather average of n payloads is n of these). The product alpha * value is
+    rounded once, as ``out.add_(value, alpha=alpha)`` rounds it on the CPU; the CUDA kernel may fuse
+    the add into an FMA (one rounding fewer)."""
     who = "qsgd_decompress"
     n = out.numel()
     okind = kind_of(out, who, OUT_DTYPES)
     check_flat(out, who, "out")
+    if alpha is not None and out.dtype != torch.float32:
+        raise ValueError(f"{who}: accumulating (alpha) needs a float32 out, got {out.dtype}")
     nbits = qsgd_level_bits(s)
     _check_block(block, who)
     dev = out.device
@@ -89,11 +96,13 @@ def qsgd_decompress(signs: torch.Tensor, levels: torch.Tensor, norms: torch.Tens
     check_flat(norms, who, "norms", numel=(n + block - 1) // block, dtype=torch.float32, device=dev)
     if n == 0:
         return
+    acc, a = alpha is not None, np.float32(0.0 if alpha is None else alpha)
     if backend_for(out) == "cpu":
         with _cpu_run(n):
             _mod("cpu_qsgd").qsgd_decompress(_np(signs), _np(levels), _np(norms), np.float32(s), nbits, block, n,
-                                             _mod("cpu_segments").TILE, _thread_tables(), _np(bit_view(out)), okind)
+                                             _mod("cpu_segments").TILE, _thread_tables(), _np(bit_view(out)), okind,
+                                             acc, a)
         return
     with _Cuda(dev) as c:
         _mod("cuda_qsgd").qsgd_decompress(c.arr(signs), c.arr(levels), c.arr(norms), s, nbits, block, n,
-                                          c.arr(bit_view(out)), okind, stream=c.stream)
+                                          c.arr(bit_view(out)), okind, acc, a, stream=c.stream)

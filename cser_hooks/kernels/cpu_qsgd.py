@@ -159,11 +159,15 @@ def qsgd_compress(g, gkind, e, has_e, slo, shi, bsz, n, s, nbits, signs, levels,
 
 
 @njit(cache=True)
-def _dec_piece(signs, levels, a, b, nrm, sf, nbits, s, table, out, okind):
+def _dec_piece(signs, levels, a, b, nrm, sf, nbits, s, table, out, okind, acc, alpha):
     """out[a:b] for one block: the value of each level is looked up in a table of
-    (norm * level) / s built once per block (the same fp32 operations, one division per level)."""
+    (norm * level) / s built once per block (the same fp32 operations, one division per level).
+    ``acc``: out += alpha * value instead (fp32 out), with alpha folded into the table: the sign
+    flip is exact, so (alpha * t) * (+1 | -1) is alpha * (t * (+1 | -1)) rounded once."""
     for c in range(s + 1):
         table[c] = (nrm * np.float32(c)) / sf
+        if acc:
+            table[c] = alpha * table[c]
     mask = (1 << nbits) - 1
     os = out[a:b]
     for m in range(os.size):
@@ -171,15 +175,18 @@ def _dec_piece(signs, levels, a, b, nrm, sf, nbits, s, table, out, okind):
         val = table[(np.int64(levels[(k * nbits) >> 3]) >> ((k * nbits) & 7)) & mask]
         # times +1 / -1 (exact) rather than a branch on a random sign bit
         val = val * np.float32(np.int64((signs[k >> 3] >> (k & 7)) & 1) * 2 - 1)
-        if okind == 0:
+        if acc:
+            os[m] = os[m] + val
+        elif okind == 0:
             os[m] = val
         else:
             store_f32(os, m, val, okind)
 
 
 @njit(parallel=True, cache=True)
-def qsgd_decompress(signs, levels, norms, sf, nbits, bsz, n, tile, tables, out, okind):
-    """``tables``: float32 [numba.config.NUMBA_NUM_THREADS, 256] scratch (one row per pool thread)."""
+def qsgd_decompress(signs, levels, norms, sf, nbits, bsz, n, tile, tables, out, okind, acc, alpha):
+    """``tables``: float32 [numba.config.NUMBA_NUM_THREADS, 256] scratch (one row per pool thread).
+    ``acc``: out += alpha * C instead of out = C (float32 out)."""
     ntiles = (n + tile - 1) // tile
     s = np.int64(sf)
     for t in prange(ntiles):
@@ -190,5 +197,5 @@ def qsgd_decompress(signs, levels, norms, sf, nbits, bsz, n, tile, tables, out, 
         while i < hi:
             j = i // bsz
             end = min((j + 1) * bsz, hi)
-            _dec_piece(signs, levels, i, end, norms[j], sf, nbits, s, table, out, okind)
+            _dec_piece(signs, levels, i, end, norms[j], sf, nbits, s, table, out, okind, acc, alpha)
             i = end

@@ -83,7 +83,7 @@ def qsgd_edges(g, gkind, e, has_e, slo, shi, dummy, bsz, n, nseg, tile, sf, nbit
 
 
 @cuda.jit
-def qsgd_decompress_kernel(signs, levels, norms, sf, nbits, bsz, n, out, okind):
+def qsgd_decompress_kernel(signs, levels, norms, sf, nbits, bsz, n, out, okind, acc, alpha):
     i = cuda.grid(1)
     stride = cuda.gridsize(1)
     mask = (1 << nbits) - 1
@@ -92,7 +92,10 @@ def qsgd_decompress_kernel(signs, levels, norms, sf, nbits, bsz, n, out, okind):
         val = (norms[i // bsz] * float32(code)) / sf
         if ((signs[i >> 3] >> (i & 7)) & 1) == 0:
             val = -val
-        store_f32(out, i, val, okind)
+        if acc:
+            out[i] = out[i] + alpha * val
+        else:
+            store_f32(out, i, val, okind)
         i += stride
 
 
@@ -113,6 +116,9 @@ def qsgd_compress(g, gkind, e, has_e, slo, shi, bsz, n, s, nbits, signs, levels,
                                         norms, res, has_res)
 
 
-def qsgd_decompress(signs, levels, norms, s, nbits, bsz, n, out, okind, stream=0, tpb=256, max_blocks=65535):
+def qsgd_decompress(signs, levels, norms, s, nbits, bsz, n, out, okind, acc=False, alpha=0.0, stream=0, tpb=256,
+                    max_blocks=65535):
+    """``acc``: out += alpha * C (float32 out) instead of out = C."""
     grid = grid_for(n, tpb, max_blocks)
-    qsgd_decompress_kernel[grid, tpb, stream](signs, levels, norms, np.float32(s), nbits, bsz, n, out, okind)
+    qsgd_decompress_kernel[grid, tpb, stream](signs, levels, norms, np.float32(s), nbits, bsz, n, out, okind, acc,
+                                              np.float32(alpha))

@@ -58,8 +58,8 @@ def simulate_qprsgd(world, steps: int, layouts, compressor: str, period: int, mo
                 for i in range(n):
                     st["mix"][i] = st["mix"][i].add(q[i], alpha=W[i, i].item())
                     nbrs = [(1 - i, 2 / 3)] if n == 2 else [((i - 1) % n, 1 / 3), ((i + 1) % n, 1 / 3)]
-                    for j, w in nbrs:
-                        st["mix"][i] = st["mix"][i].add(q[j], alpha=w)
+                    for j, w in nbrs:  # s + (w·q_j): the product rounded once, then the sum
+                        st["mix"][i] = st["mix"][i] + q[j] * w
                 for i in range(n):
                     st["xhat"][i] = st["xhat"][i] + q[i]
                 for i in range(n):
