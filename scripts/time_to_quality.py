@@ -18,6 +18,10 @@ the gpt model needs ~6.6 s per step there), so time to quality is assembled from
    (evaluation is outside it). The window spans at least two periods of every periodic method given (``Method.period``),
    so the resets' cost is in the mean.
 
+``--longer-schedule N`` adds a second loopback convergence run with an N-step schedule (of
+``--longer-methods``), scored against the main run's target: a method whose quality needs a longer
+warm-up and decay shows its time to target there; dense is compared at its best schedule.
+
 Time to target (estimated) = S x T, labelled as such in the report. A method that does not reach the
 target in the run gets a lower bound, > steps x T. ``--validate`` checks the estimate once end to end:
 per link, a full run under the link with ``--stop-at-target`` whose measured time to target must be
@@ -98,24 +102,44 @@ def speedup(base: dict, this: dict) -> tuple[float | None, str]:
     return r, kind[(base["bound"], this["bound"])]
 
 
-def analyse(conv: dict, links: dict[str, dict]) -> list[dict]:
-    """One row per (link, method): steps to target, step time, estimated time to target, speedups vs
-    dense and vs the best PowerSGD of the run."""
-    crows = ok_rows(conv)
+def schedule_rows(conv: dict, extra: dict[int, dict] | None = None) -> dict[str, dict]:
+    """The convergence rows by label: the main run's under the method's name, each longer schedule's
+    (``extra``: steps -> results) as "METHOD (N-step schedule)", with ``base`` the bench method whose
+    step time it takes (the per-step work does not depend on the schedule) and ``schedule`` its steps."""
+    target = conv["meta"]["target"]
+    out = {m: {**r, "base": m, "schedule": r["steps"]} for m, r in ok_rows(conv).items()}
+    for n, res in sorted((extra or {}).items()):
+        if abs(res["meta"]["target"] - target) > 1e-9:
+            raise SystemExit(f"the {n}-step convergence run has target {res['meta']['target']}, the main run "
+                             f"{target}: rerun it with --target {target}")
+        out.update({f"{m} ({n}-step schedule)": {**r, "base": m, "schedule": n} for m, r in ok_rows(res).items()})
+    return out
+
+
+def _best(est: dict[str, dict], labels) -> dict | None:
+    """The fastest of the given rows' estimates: a reached target before any bound, then the time."""
+    return min((est[k] for k in labels if est[k]["time_s"]), key=lambda e: (e["bound"], e["time_s"]), default=None)
+
+
+def analyse(conv: dict, links: dict[str, dict], extra: dict[int, dict] | None = None) -> list[dict]:
+    """One row per (link, method and schedule): steps to target, step time, estimated time to target, and
+    the speedups against dense's best schedule and against the best PowerSGD (any rank, any schedule)."""
+    crows = schedule_rows(conv, extra)
     rows = []
     for link, res in links.items():
         lrows = ok_rows(res)
-        est = {m: estimate(c, step_time(lrows[m]) if m in lrows else None) for m, c in crows.items()}
-        ps = [e for m, e in est.items() if POWERSGD.search(m) and e["time_s"]]
-        best_ps = min(ps, key=lambda e: (e["bound"], e["time_s"]), default=None)
-        for m, c in crows.items():
-            e = est[m]
-            row = {"link": link, "method": m, "steps_to_target": c.get("steps_to_target"), "steps": c["steps"],
-                   "final": c.get(f"{c['metric']}_final"), "step_s": step_time(lrows[m]) if m in lrows else None,
+        t = {k: step_time(lrows[c["base"]]) if c["base"] in lrows else None for k, c in crows.items()}
+        est = {k: estimate(c, t[k]) for k, c in crows.items()}
+        best_dense = _best(est, [k for k, c in crows.items() if c["base"] == "dense"])
+        best_ps = _best(est, [k for k, c in crows.items() if POWERSGD.search(c["base"])])
+        for k, c in crows.items():
+            e = est[k]
+            row = {"link": link, "method": k, "schedule": c["schedule"], "steps_to_target": c.get("steps_to_target"),
+                   "steps": c["steps"], "final": c.get(f"{c['metric']}_final"), "step_s": t[k],
                    "ttq_s": e["time_s"], "bound": e["bound"], "wire_ratio": c.get("wire_ratio")}
-            row["vs_dense"], row["vs_dense_kind"] = speedup(est["dense"], e) if "dense" in est else (None, "?")
+            row["vs_dense"], row["vs_dense_kind"] = speedup(best_dense, e) if best_dense else (None, "?")
             row["vs_powersgd"], row["vs_powersgd_kind"] = (speedup(best_ps, e) if best_ps and not
-                                                           POWERSGD.search(m) else (None, "?"))
+                                                           POWERSGD.search(c["base"]) else (None, "?"))
             rows.append(row)
     return rows
 
@@ -164,6 +188,12 @@ def report(conv: dict, rows: list[dict], checks: list[dict], meta: dict) -> str:
            "**time to target (estimated) = measured steps to target (loopback run) x measured step time under "
            "the link.** `>` marks a lower bound (target not reached in the run: steps run x T); a speedup "
            "against a bound is marked `<` (at most) or `>` (at least).", ""]
+    if any("schedule)" in r["method"] for r in rows):
+        out += ["Rows marked *(N-step schedule)* come from a second loopback run of those methods with an N-step "
+                "warm-up + cosine schedule (`converge-<N>steps*/`), scored against the same target; each takes its "
+                "method's step time (the work per step does not depend on the schedule). `dense / this` divides "
+                "dense's best time over its schedules; `best PowerSGD` is the fastest PowerSGD row of any rank and "
+                "schedule.", ""]
     for link in dict.fromkeys(r["link"] for r in rows):
         out += [f"## {link}", "",
                 f"| method | wire ratio | final {metric} | steps to target | step time s | time to target s "
@@ -197,7 +227,7 @@ def run_bench(args_list: list[str], out: Path, timeout: float) -> None:
     print("$ " + " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, cwd=REPO, check=False, timeout=timeout)
     shutil.rmtree(out / "logs", ignore_errors=True)
-    if out.name != "converge":  # the link runs' plots show 36 steps of one method's clock: nothing to read
+    if not out.name.startswith("converge"):  # the link runs' plots show 36 steps of one method's clock: nothing to read
         for png in out.glob("*.png"):
             png.unlink()
 
@@ -205,6 +235,26 @@ def run_bench(args_list: list[str], out: Path, timeout: float) -> None:
 def load(path: Path) -> dict | None:
     p = path / "results.json"
     return json.loads(p.read_text()) if p.exists() else None
+
+
+SCHEDULE_DIR = re.compile(r"^converge-(\d+)steps(-[\w.-]+)?$")
+
+
+def load_schedules(src: Path) -> dict[int, dict]:
+    """The longer-schedule convergence runs under ``src``: ``converge-<N>steps[-suffix]/results.json``,
+    the runs of one N merged (their method rows together, the first run's meta)."""
+    out: dict[int, dict] = {}
+    for d in sorted(src.glob("converge-*steps*")):
+        m = SCHEDULE_DIR.match(d.name)
+        res = load(d) if m and d.is_dir() else None
+        if res is None:
+            continue
+        n = int(m.group(1))
+        if n in out:
+            out[n] = {"meta": out[n]["meta"], "methods": out[n]["methods"] + res["methods"]}
+        else:
+            out[n] = res
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "run only the link runs")
     p.add_argument("--from-results", metavar="DIR",
                    help="re-analyse DIR/converge, DIR/link-<rate> (and DIR/full-<rate>) without running")
+    p.add_argument("--longer-schedule", type=int, metavar="N",
+                   help="also a loopback convergence run with an N-step schedule (into OUT/converge-<N>steps), scored "
+                        "against the main run's target; its rows are added to the tables")
+    p.add_argument("--longer-methods", metavar="LIST",
+                   help="the methods of the --longer-schedule run (default: all of --methods)")
     p.add_argument("--timeout", type=float, default=7200, help="seconds per bench run (default %(default)s)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="-- then arguments for every bench run")
     return p
@@ -256,6 +311,13 @@ def main(argv=None) -> int:
         conv = load(out / "converge")
         if conv is None:
             raise SystemExit("the convergence run wrote no results.json")
+        longer = out / f"converge-{args.longer_schedule}steps"
+        if args.longer_schedule and not (args.reuse_converge and load(longer) is not None):
+            lm = args.longer_methods or ",".join(methods)
+            run_bench(["--model", args.model, "--methods", lm, *extra, "--steps", str(args.longer_schedule),
+                       *(["--eval-every", str(args.eval_every)] if args.eval_every else []),
+                       "--target", str(conv["meta"]["target"])],
+                      longer, args.timeout)
         for link in links:
             run_bench([*common, "--steps", str(n_link), "--eval-every", str(W0), "--link", link],
                       out / f"link-{link}", args.timeout)
@@ -271,7 +333,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"no {src / 'converge' / 'results.json'}")
     link_res = {x: r for x in links if (r := load(src / f"link-{x}")) is not None}
     full_res = {x: r for x in links if (r := load(src / f"full-{x}")) is not None}
-    rows = analyse(conv, link_res)
+    extra = load_schedules(src)
+    rows = analyse(conv, link_res, extra)
     checks = validate(conv, link_res, full_res)
     meta["discussion"] = report_dir.discussion(src)
     report_dir.write(out, report(conv, rows, checks, meta), "ttq.json", meta, rows=rows, checks=checks)

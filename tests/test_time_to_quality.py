@@ -95,6 +95,38 @@ def test_from_results_writes_the_report(tmp_path):
         ttq.main(["--from-results", str(tmp_path), "--methods", "cser-32", "--out", str(out)])
 
 
+def test_a_longer_schedule_adds_rows_scored_against_dense_at_its_best(tmp_path):
+    """converge-<N>steps*/ runs (merged per N) add "(N-step schedule)" rows that take their method's step
+    time; dense's best schedule is the baseline; a run scored against another target is refused."""
+    conv = results(row("dense", reach=80), row("powersgd-r4", reach=None), row("cser-32", reach=None))
+    link = results(row("dense", 6.0, 36), row("powersgd-r4", 1.5, 36), row("cser-32", 1.2, 36))
+    longer = {200: {"meta": conv["meta"], "methods": [row("cser-32", steps=200, reach=120),
+                                                      row("dense", steps=200, reach=60),
+                                                      row("powersgd-r4", steps=200, reach=100)]}}
+    rows = {r["method"]: r for r in ttq.analyse(conv, {"100mbit": link}, longer)}
+    long_cser = rows["cser-32 (200-step schedule)"]
+    assert long_cser["ttq_s"] == pytest.approx(120 * 1.2) and long_cser["schedule"] == 200
+    # dense's best is its 200-step run (60 x 6.0 = 360 s), for every row, itself included
+    assert long_cser["vs_dense"] == pytest.approx(360 / 144) and long_cser["vs_dense_kind"] == "="
+    assert rows["dense"]["vs_dense"] == pytest.approx(360 / 480)
+    assert long_cser["vs_powersgd"] == pytest.approx(150 / 144)   # PowerSGD's best: 100 x 1.5
+    assert rows["cser-32"]["bound"] and rows["cser-32"]["vs_dense_kind"] == "<"
+    for sub, res in {"converge": conv, "link-100mbit": link, "converge-200steps": longer[200],
+                     "converge-200steps-more": results(row("m-cser", steps=200, reach=None))}.items():
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "results.json").write_text(json.dumps(res))
+    assert set(ttq.load_schedules(tmp_path)) == {200}
+    assert len(ttq.load_schedules(tmp_path)[200]["methods"]) == 4
+    out = tmp_path / "out"
+    assert ttq.main(["--from-results", str(tmp_path), "--links", "100mbit", "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "| cser-32 (200-step schedule) | 1.0 | 2.900 | 120 | 1.200 | 144 | 2.50x | 1.04x |" in text
+    assert "*(N-step schedule)*" in text
+    other = {200: {"meta": {**conv["meta"], "target": 2.5}, "methods": [row("cser-32", steps=200)]}}
+    with pytest.raises(SystemExit, match="--target 2.87"):
+        ttq.analyse(conv, {"100mbit": link}, other)
+
+
 def test_reuse_converge_runs_only_the_link_runs(tmp_path, monkeypatch):
     (tmp_path / "converge").mkdir()
     (tmp_path / "converge" / "results.json").write_text(json.dumps(results(row("dense", reach=8, steps=8))))
@@ -113,3 +145,10 @@ def test_reuse_converge_runs_only_the_link_runs(tmp_path, monkeypatch):
     calls.clear()
     assert ttq.main(["--methods", "dense", "--links", "100mbit", "--out", str(tmp_path)]) == 0
     assert [c[0] for c in calls] == ["converge", "link-100mbit"]   # without the flag: the run again
+    calls.clear()
+    assert ttq.main(["--methods", "dense", "--links", "100mbit", "--out", str(tmp_path), "--reuse-converge",
+                     "--longer-schedule", "16", "--longer-methods", "cser-32", "--", "--batch", "4"]) == 0
+    assert [c[0] for c in calls] == ["converge-16steps", "link-100mbit"]
+    longer = calls[0][1]
+    assert longer[longer.index("--methods") + 1] == "cser-32" and longer[longer.index("--steps") + 1] == "16"
+    assert longer[longer.index("--target") + 1] == "2.87" and "--batch" in longer
