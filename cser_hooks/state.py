@@ -43,7 +43,8 @@ class AlgorithmState:
     __slots__ = ("comm", "seed", "warmup_steps", "check_finite", "step", "buffers", "optimizer",
                  "_agreed", "_loaded", "_pending_flag", "counters",
                  "_hook_handle", "param_names", "_per_tensor", "seg_cache", "_lr_of", "buckets", "on_nonfinite",
-                 "guard", "_iteration", "on_world_size_change", "min_compress_numel", "gain", "__weakref__")
+                 "guard", "_iteration", "on_world_size_change", "min_compress_numel", "gain", "_scratch",
+                 "__weakref__")
 
     def __init__(self, comm: Communicator, *, seed: int = 0, warmup_steps: int = 1, optimizer=None,
                  check_finite: bool = True, named_parameters=None, on_nonfinite: str = "raise",
@@ -73,6 +74,7 @@ class AlgorithmState:
         self._pending_flag = None
         self.counters = StepCounters()
         self._hook_handle = ()
+        self._scratch: dict = {}  # (device, dtype) -> a reused work tensor (see scratch())
         # per-tensor mode: masks keyed by parameter name (docs/algorithms.md §3; DDP = Horovod's coordinates)
         self.param_names = None if named_parameters is None else {id(p): n for n, p in named_parameters}
         self._per_tensor = {}
@@ -195,6 +197,16 @@ class AlgorithmState:
                              f"Buckets must not change after warm-up; raise warmup_steps above 1 if DDP rebuilds "
                              f"its buckets later.")
         return t
+
+    def scratch(self, numel: int, device, dtype=torch.float32) -> torch.Tensor:
+        """A work tensor of ``numel`` elements, reused from step to step (one per device and dtype, grown
+        when a larger one is asked for): for values that live only inside one hook call, so no step
+        allocates what the last one freed. Not state: it is never saved, and its contents are garbage."""
+        k = (torch.device(device), dtype)
+        buf = self._scratch.get(k)
+        if buf is None or buf.numel() < numel:
+            buf = self._scratch[k] = torch.empty(numel, device=device, dtype=dtype)
+        return buf[:numel]
 
     def rescale_on_lr_change(self, key, names) -> None:
         """e ← e · η_{t−1}/η_t for the per-key tensors ``names`` when the optimizer's lr changed since

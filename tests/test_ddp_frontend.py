@@ -496,3 +496,18 @@ def test_cser_rejects_a_scaled_mask(which):
     kw[which] = kw[which] + ",scaled=1"
     with pytest.raises(ValueError, match=f"CSER: {which}=.*is scaled.*Drop ',scaled=1'"):
         CSER(_OneRank(), **kw)
+
+
+def test_scratch_is_one_reused_tensor_per_device_and_dtype():
+    """AlgorithmState.scratch: the same storage step after step (no per-step allocation), regrown only
+    for a larger request, separate per dtype; never part of the saved state."""
+    from cser_hooks.state import AlgorithmState
+
+    st = AlgorithmState(Communicator())
+    a = st.scratch(100, "cpu")
+    assert a.numel() == 100 and a.dtype == torch.float32
+    assert st.scratch(60, "cpu").data_ptr() == a.data_ptr()
+    assert st.scratch(100, "cpu", torch.bfloat16).data_ptr() != a.data_ptr()
+    big = st.scratch(200, "cpu")
+    assert big.numel() == 200 and st.scratch(100, "cpu").data_ptr() == big.data_ptr()
+    assert not st.buffers

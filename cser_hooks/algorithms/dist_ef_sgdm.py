@@ -209,7 +209,7 @@ class DistEFSGDM(AlgorithmState):
         received = self.comm.all_to_all_async(parts, [plan.nbytes[me]] * n).wait()
         t0 = time.perf_counter()
         # server of chunk `me`: p = ẽ + avg_j C(p_j), formed in ẽ's buffer; Δ = C(p) ; ẽ ← p − Δ in place
-        tmp = torch.empty(b - a, device=grad.device)
+        tmp = self.scratch(b - a, grad.device)
         for buf in received:
             es.add_(self._unpack_into(buf, plan.offsets[me], tmp, mk), alpha=1.0 / n)
         packed, scales = self._pack(es, plan.offsets[me], mk)

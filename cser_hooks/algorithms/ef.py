@@ -42,7 +42,7 @@ class ErrorFeedback(AlgorithmState):
     """
 
     algorithm = "ef"
-    __slots__ = ("compressor", "error_feedback", "residual_dtype", "_scratch")
+    __slots__ = ("compressor", "error_feedback", "residual_dtype")
 
     def __init__(self, comm, compressor="random_block:ratio=1/32", *, error_feedback: bool = True,
                  residual_dtype: str = "fp32", **kw):
@@ -54,7 +54,6 @@ class ErrorFeedback(AlgorithmState):
                              f"got {residual_dtype!r}")
         self.error_feedback = bool(error_feedback)
         self.residual_dtype = residual_dtype
-        self._scratch: dict = {}  # device -> fp32 scratch for p = g + e when e is stored in bf16
         super().__init__(comm, **kw)
 
     def config(self):
@@ -70,17 +69,11 @@ class ErrorFeedback(AlgorithmState):
         if e.dtype == torch.float32:
             e.add_(grad)
             return encode_average(self, comp, e, ctx)
-        p = self._fp32_scratch(ctx.numel, grad.device)
+        p = self.scratch(ctx.numel, grad.device)  # fp32 p = g + e when e is stored in bf16
         torch.add(grad, e, out=p)
         ex = encode_average(self, comp, p, ctx)  # p <- p - C(p); the payload is a copy
         e.copy_(p)
         return ex
-
-    def _fp32_scratch(self, numel: int, device) -> torch.Tensor:
-        buf = self._scratch.get(device)
-        if buf is None or buf.numel() < numel:
-            buf = self._scratch[device] = torch.empty(numel, device=device, dtype=torch.float32)
-        return buf[:numel]
 
     def decode(self, grad, received, ctx):
         return decode_average(self, self.compressor_for(self.compressor, ctx), grad, received,
