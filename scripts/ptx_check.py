@@ -75,7 +75,7 @@ def kernel_specs(full: bool = False):
         specs += [("topk_compact", v, cuda_topk.topk_compact, (g, I, I, i64, I, I, i64, g, i32))]
     for v in ("f32", "bf16") if not full else tuple(outs):
         o = outs[v]
-        specs += [("sign_decompress_kernel", v, cuda_sign.sign_decompress_kernel, (u8, f32, i64, I, I, o, I)),
+        specs += [("sign_decompress_kernel", v, cuda_sign.sign_decompress_kernel, (u8, f32, i64, I, I, o, I, B, F)),
                   ("qsgd_decompress_kernel", v, cuda_qsgd.qsgd_decompress_kernel,
                    (u8, u8, f32, F, I, I, I, o, I, B, F)),
                   ("scatter_kernel add", v, cuda_blocks.scatter_kernel, (o, i64, I, I, o, B, I)),

@@ -27,6 +27,7 @@ CPU_ROUTES = [
     ("sign_blockwise", "compress", {"sign_compress"}),
     ("sign_blockwise", "compress_ef", {"sign_compress"}),        # fused: residual written by the kernel
     ("sign_blockwise", "decompress", {"sign_decompress"}),
+    ("sign_blockwise", "decompress_add", {"sign_decompress"}),    # accumulating: no temporary
     ("top_k:ratio=0.05", "compress", {"topk_select"}),            # at >= TopK.KERNEL_MIN elements
     ("top_k:ratio=0.05", "compress_ef", {"topk_select"}),
     ("top_k:ratio=0.05@small", "compress", set()),                # below: torch's selection

@@ -125,6 +125,24 @@ def test_sign_decompress_matches_reference(n, out_dtype):
     assert torch.equal(out, ref_sign_dense(p, scales, offsets).to(out_dtype))
 
 
+@pytest.mark.parametrize("how", ["irregular", "fixed"])
+@pytest.mark.parametrize("n", SIZES)
+def test_sign_decompress_accumulates_in_place(n, how):
+    """alpha given: out += (alpha * scale) * (+1 | -1) in the decompress pass; a non-fp32 out is refused."""
+    p = make_input(n, torch.float32, seed=11)
+    offsets = make_offsets(n, how, seed=n)
+    bits = torch.empty((n + 7) // 8, dtype=torch.uint8)
+    scales = torch.empty(offsets.numel() - 1)
+    K.sign_compress(p, offsets, bits, scales)
+    alpha = torch.tensor(1 / 3, dtype=torch.float32)
+    base = make_input(n, torch.float32, seed=12)
+    out = base.clone()
+    K.sign_decompress(bits, scales, offsets, out, alpha=float(alpha))
+    assert torch.equal(out, base + ref_sign_dense(p, scales * alpha, offsets))
+    with pytest.raises(ValueError, match="needs a float32 out"):
+        K.sign_decompress(bits, scales, offsets, base.half(), alpha=0.5)
+
+
 @pytest.mark.parametrize("how", ["fixed", "irregular", "ones", "one"])
 @pytest.mark.parametrize("n", (1023, 65539))
 def test_sign_tiles_cut_by_segments(n, how):

@@ -137,6 +137,13 @@ def test_sign_decompress_kernel(kmods, n, out_dtype):
     kmods["sign"].sign_decompress(bits.numpy(), scales.numpy(), offsets.numpy(), n, offsets.numel() - 1,
                                   bits_np(out), kind(out_dtype), tpb=32, max_blocks=MAX_BLOCKS)
     assert torch.equal(out, ref_sign_dense(p, scales, offsets).to(out_dtype))
+    if out_dtype == torch.float32:  # accumulate: out += (alpha * scale) * (+1 | -1)
+        base = make_input(n, torch.float32, seed=9)
+        acc = base.clone()
+        alpha = np.float32(-0.3)
+        kmods["sign"].sign_decompress(bits.numpy(), scales.numpy(), offsets.numpy(), n, offsets.numel() - 1,
+                                      acc.numpy(), 0, True, alpha, tpb=32, max_blocks=MAX_BLOCKS)
+        assert torch.equal(acc, base + ref_sign_dense(p, scales * torch.tensor(alpha), offsets))
 
 
 # ------------------------------------------------------------------------------------------------

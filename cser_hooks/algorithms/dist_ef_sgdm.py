@@ -177,11 +177,14 @@ class DistEFSGDM(AlgorithmState):
         bits, scales = self._sign.compress_ef(x, mk, offs)
         return torch.cat([scales.view(torch.uint8), bits]), scales
 
-    def _unpack_into(self, buf: torch.Tensor, offs, out: torch.Tensor, mk) -> torch.Tensor:
+    def _unpack_into(self, buf: torch.Tensor, offs, out: torch.Tensor, mk, alpha: float | None = None) -> torch.Tensor:
+        """out = C(payload in buf); with ``alpha``: out += alpha * C(payload) in the same pass."""
         if out.numel() == 0:
             return out
         nb = 4 * (len(offs) - 1)
         payload = (buf[nb:], buf[:nb].clone().view(torch.float32))  # clone: alignment
+        if alpha is not None:
+            return self._sign.decompress_add(payload, out, alpha, mk, offs)
         return self._sign.decompress(payload, out.numel(), torch.float32, mk, offs, out=out)
 
     # -- the algorithm -------------------------------------------------------------------------
@@ -209,9 +212,8 @@ class DistEFSGDM(AlgorithmState):
         received = self.comm.all_to_all_async(parts, [plan.nbytes[me]] * n).wait()
         t0 = time.perf_counter()
         # server of chunk `me`: p = ẽ + avg_j C(p_j), formed in ẽ's buffer; Δ = C(p) ; ẽ ← p − Δ in place
-        tmp = self.scratch(b - a, grad.device)
         for buf in received:
-            es.add_(self._unpack_into(buf, plan.offsets[me], tmp, mk), alpha=1.0 / n)
+            self._unpack_into(buf, plan.offsets[me], es, mk, alpha=1.0 / n)
         packed, scales = self._pack(es, plan.offsets[me], mk)
         # a NaN/Inf in p makes its block's scale NaN/Inf: the flag reads the scales, not p
         flag = nonfinite_flag(scales) if self.check_finite else torch.zeros(1, device=grad.device)

@@ -116,5 +116,16 @@ class SignBlockwise(Compressor):
             kernels.sign_decompress(bits, scales, bounds, target)
         return target
 
+    def decompress_add(self, payload, out, alpha, mk, segments=None):
+        """out += alpha * C in the decompress kernel's pass (no decompressed temporary); a non-fp32 or
+        strided out takes the base class's decompress, then add."""
+        if not (out.dtype == torch.float32 and out.dim() == 1 and out.is_contiguous()):
+            return super().decompress_add(payload, out, alpha, mk, segments)
+        bits, scales = payload
+        if out.numel():
+            kernels.sign_decompress(bits, scales, self.offsets(out.numel(), segments, bits.device)[0], out,
+                                    alpha=alpha)
+        return out
+
     def wire_bytes(self, numel, dtype=torch.float32, segments=None):
         return packed_nbytes(numel, 1) + 4 * (len(block_offsets(numel, self.block, segments)) - 1)

@@ -2,6 +2,7 @@
 feedback, decompress (docs/algorithms.md §1, §2)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ._checks import _check_offsets, _res_mode
@@ -57,23 +58,30 @@ def sign_compress_ef(g: torch.Tensor, e: torch.Tensor, offsets: torch.Tensor, bi
     _sign_impl("sign_compress_ef", g, e, offsets, bits_out, scales_out, e)
 
 
-def sign_decompress(bits: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor) -> None:
-    """out_i = scale_j * (+1 if bit i else -1) for i in segment j; ``out`` of any float dtype."""
+def sign_decompress(bits: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor,
+                    alpha: float | None = None) -> None:
+    """out_i = scale_j * (+1 if bit i else -1) for i in segment j; ``out`` of any float dtype.
+
+    ``alpha`` (fp32 ``out`` only): accumulate instead, out_i += (alpha * scale_j) * (+1 | -1), in the same
+    pass (no decompressed temporary)."""
     who = "sign_decompress"
     n = out.numel()
     okind = kind_of(out, who, OUT_DTYPES)
     check_flat(out, who, "out")
+    if alpha is not None and out.dtype != torch.float32:
+        raise ValueError(f"{who}: accumulating (alpha) needs a float32 out, got {out.dtype}")
     dev = out.device
     nseg = _check_offsets(offsets, n, dev, who)
     check_flat(bits, who, "bits", numel=(n + 7) // 8, dtype=torch.uint8, device=dev)
     check_flat(scales, who, "scales", numel=nseg, dtype=torch.float32, device=dev)
     if n == 0:
         return
+    acc, a = alpha is not None, np.float32(0.0 if alpha is None else alpha)
     if backend_for(out) == "cpu":
         with _cpu_run(n):
             _mod("cpu_sign").sign_decompress(_np(bits), _np(scales), _np(offsets), n, nseg,
-                                             _mod("cpu_segments").TILE, _np(bit_view(out)), okind)
+                                             _mod("cpu_segments").TILE, _np(bit_view(out)), okind, acc, a)
         return
     with _Cuda(dev) as c:
         _mod("cuda_sign").sign_decompress(c.arr(bits), c.arr(scales), c.arr(offsets), n, nseg,
-                                          c.arr(bit_view(out)), okind, stream=c.stream)
+                                          c.arr(bit_view(out)), okind, acc, a, stream=c.stream)

@@ -144,11 +144,16 @@ def sign_compress(g, gkind, e, has_e, offs, n, nseg, bits, scales, partial, scra
 
 
 @njit(cache=True)
-def _dec_piece(bits, a, b, sc, out, okind):
-    """out[a:b] = sc * (+1 | -1) by the sign bits; whole bytes go 8 elements at a time."""
+def _dec_piece(bits, a, b, sc, out, okind, acc):
+    """out[a:b] = sc * (+1 | -1) by the sign bits (``acc``: out[a:b] += that, fp32 out); whole bytes go
+    8 elements at a time."""
     neg = -sc
     q0 = (a + 7) >> 3
     q1 = b >> 3
+    if acc:
+        for k in range(a, b):
+            out[k] = out[k] + (sc if ((bits[k >> 3] >> (k & 7)) & 1) != 0 else neg)
+        return
     if q1 <= q0:  # no whole byte inside [a, b)
         for k in range(a, b):
             store_f32(out, k, sc if ((bits[k >> 3] >> (k & 7)) & 1) != 0 else neg, okind)
@@ -172,7 +177,9 @@ def _dec_piece(bits, a, b, sc, out, okind):
 
 
 @njit(parallel=True, cache=True)
-def sign_decompress(bits, scales, offs, n, nseg, tile, out, okind):
+def sign_decompress(bits, scales, offs, n, nseg, tile, out, okind, acc, alpha):
+    """``acc``: out += alpha * C (fp32 out) instead of out = C; alpha * scale is rounded once per segment
+    (the sign flip is exact)."""
     ntiles = (n + tile - 1) // tile
     for t in prange(ntiles):
         lo = t * tile
@@ -181,5 +188,5 @@ def sign_decompress(bits, scales, offs, n, nseg, tile, out, okind):
         while i < hi:
             j = seg_of(offs, 0, nseg, i)
             end = min(seg_start(offs, 0, n, j + 1), hi)
-            _dec_piece(bits, i, end, scales[j], out, okind)
+            _dec_piece(bits, i, end, alpha * scales[j] if acc else scales[j], out, okind, acc)
             i = end

@@ -84,15 +84,20 @@ def sign_edges(g, gkind, e, has_e, offs, n, nseg, tile, scales, res):
 
 
 @cuda.jit
-def sign_decompress_kernel(bits, scales, offs, n, nseg, out, okind):
+def sign_decompress_kernel(bits, scales, offs, n, nseg, out, okind, acc, alpha):
     i = cuda.grid(1)
     stride = cuda.gridsize(1)
     while i < n:
         j = seg_of(offs, 0, nseg, i)
         sc = scales[j]
+        if acc:
+            sc = alpha * sc
         if ((bits[i >> 3] >> (i & 7)) & 1) == 0:
             sc = -sc
-        store_f32(out, i, sc, okind)
+        if acc:
+            out[i] = out[i] + sc
+        else:
+            store_f32(out, i, sc, okind)
         i += stride
 
 
@@ -108,5 +113,8 @@ def sign_compress(g, gkind, e, has_e, offs, n, nseg, bits, scales, res, has_res,
             sign_edges[ntiles, tpb, stream](g, gkind, e, has_e, offs, n, nseg, tile, scales, res)
 
 
-def sign_decompress(bits, scales, offs, n, nseg, out, okind, stream=0, tpb=256, max_blocks=65535):
-    sign_decompress_kernel[grid_for(n, tpb, max_blocks), tpb, stream](bits, scales, offs, n, nseg, out, okind)
+def sign_decompress(bits, scales, offs, n, nseg, out, okind, acc=False, alpha=0.0, stream=0, tpb=256,
+                    max_blocks=65535):
+    """``acc``: out += alpha * C (float32 out) instead of out = C."""
+    sign_decompress_kernel[grid_for(n, tpb, max_blocks), tpb, stream](bits, scales, offs, n, nseg, out, okind, acc,
+                                                                      np.float32(alpha))
