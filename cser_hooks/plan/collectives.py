@@ -262,7 +262,8 @@ def _dist_ef_sgdm(buckets, world, compressor="sign_blockwise", **_):
         pieces = tuple(chunk_nbytes(b.n, world, b.segments, block))
         colls = [Collective(wire.ALL_TO_ALL, sum(pieces), pieces, blocking=True),
                  Collective(wire.ALLGATHER, 4 + max(pieces))]
-        passes = C.copies(4) + ((ef_op, 1 + 1 / world), (dec_op, 2.0))  # m (1), e (2), the adds into ẽ; 2 decodes
+        # m (1), e (2); the encodes of p and of the server's chunk; 2 decodes (the server's accumulates into ẽ)
+        passes = C.copies(3) + ((ef_op, 1 + 1 / world), (dec_op, 2.0))
         return colls, passes
     return _plan(buckets, step), None, 1
 
