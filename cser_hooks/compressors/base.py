@@ -51,11 +51,6 @@ class MaskKey:
         digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
         return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
-    def cpu_generator(self, per_rank: bool = False) -> torch.Generator:
-        g = torch.Generator(device="cpu")
-        g.manual_seed(self.generator_seed(per_rank))
-        return g
-
 
 def int_option(who: str, name: str, value, lo: int, hi: int | None = None) -> int:
     """An integer option in [lo, hi] (hi None: no bound), or a ValueError naming the compressor, the option,
