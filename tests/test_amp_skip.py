@@ -33,6 +33,8 @@ ALGOS = {
     "ef_random_block_bf16": ("EFState", "ef_hook", {"compressor": "random_block:ratio=1/8,block=16",
                                                     "residual_dtype": "bf16"}, 0.9),
     "ef_top_k": ("EFState", "ef_hook", {"compressor": "top_k:ratio=1/8"}, 0.9),
+    # the non-finite flag read off the payload (top-k's values above, QSGD's block norms here)
+    "ef_qsgd": ("EFState", "ef_hook", {"compressor": "qsgd:s=15,block=64"}, 0.9),
     # the 64-element bias bucket goes dense (min_compress_numel): its flag comes from the average
     "ef_top_k_small_dense": ("EFState", "ef_hook", {"compressor": "top_k:ratio=1/8", "min_compress_numel": 100}, 0.9),
     "cser": ("CSERState", "cser_hook", {"c1": "random_block:ratio=1/8,block=16", "c2": "identity",

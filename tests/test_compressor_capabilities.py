@@ -4,7 +4,8 @@ Each flag is checked against the compressor's behaviour on data, for every spec 
 set wrongly on a new compressor fails here: ``projection`` (C keeps some entries exactly and zeroes
 the rest, the same entries for any input under one MaskKey; C(C(x)) = C(x)), ``elementwise`` (C(x)_i
 = f(x_i), one f for every position), ``sends_nothing`` (empty payload, C(x) = 0),
-``quantizer`` (what ``compose`` accepts after a sparsifier).
+``quantizer`` (what ``compose`` accepts after a sparsifier), ``nonfinite_in_payload`` (every NaN/Inf of
+the input shows in ``nonfinite_witness(payload)``).
 """
 from __future__ import annotations
 
@@ -72,3 +73,34 @@ def test_compose_accepts_exactly_the_quantizers(spec):
         accepted = False
     assert accepted == comp.quantizer, spec
     assert not comp.quantizer or comp.linear is False or comp.elementwise, "a linear quantizer is elementwise"
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_nonfinite_in_payload_flag_matches_behaviour(spec):
+    """Set exactly where one NaN or Inf anywhere in x (each of 40 positions, on the kernel path's size
+    too) always shows in the witness, and a finite x never does; a compressor without it raises."""
+    comp = get_compressor(spec)
+    x = inputs()[0]
+    g = torch.Generator().manual_seed(1)
+    shows = []
+    for size in (N, 1 << 16):  # top_k's CPU kernel starts at 2^16 elements
+        base = torch.randn(size, generator=g)
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            for i in torch.randint(0, size, (40,), generator=g).tolist():
+                y = base.clone()
+                y[i] = bad
+                payload = comp.compress(y, MK)
+                shows.append(comp.nonfinite_in_payload and
+                             not bool(torch.isfinite(comp.nonfinite_witness(payload)).all()))
+    if comp.nonfinite_in_payload:
+        assert all(shows), spec
+        assert bool(torch.isfinite(comp.nonfinite_witness(comp.compress(x, MK))).all()), spec
+    else:
+        with pytest.raises(NotImplementedError, match="does not show every NaN/Inf"):
+            comp.nonfinite_witness(comp.compress(x, MK))
+        # a random mask or a subset cast misses some of them: the flag must stay False
+        if spec.startswith("random"):
+            y = x.clone()
+            y[~(dense(comp, x) != 0)] = float("nan")   # NaN only where C drops the entry
+            assert bool(torch.isfinite(dense(comp, y)).all()), spec
+

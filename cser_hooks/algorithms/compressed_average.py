@@ -23,9 +23,12 @@ def encode_average(state: AlgorithmState, comp, x: torch.Tensor, ctx: StepContex
     """feedback: Δ_i = C(p_i) and p_i ← p_i − Δ_i in one pass (``compress_ef``; ``x`` is the residual
     buffer p). Without: Δ_i = C(g_i) from the gradient ``x``, nothing kept."""
     t0 = time.perf_counter()
-    flag = nonfinite_flag(x) if state.check_finite else None
+    by_payload = comp.nonfinite_in_payload  # the flag from the payload, which shows every NaN/Inf: no pass over x
+    flag = nonfinite_flag(x) if state.check_finite and not by_payload else None
     mk = state.mask_key(ctx, "c1")
     payload = comp.compress_ef(x, mk, ctx.segments) if feedback else comp.compress(x, mk, ctx.segments)
+    if state.check_finite and by_payload:
+        flag = nonfinite_flag(comp.nonfinite_witness(payload))
     ex = exchange_for(comp, payload, flag)
     state.timed(t0)
     return ex

@@ -108,6 +108,16 @@ class Compressor:
     #: maps a vector of values to a code of the same length with no positions of its own (qsgd,
     #: sign_blockwise, casts, identity): may follow a sparsifier in ``compose``.
     quantizer: bool = False
+    #: every NaN/Inf of the input shows in ``nonfinite_witness(payload)`` (top_k, qsgd, sign_blockwise),
+    #: so a non-finite check reads that small tensor instead of making a pass over the input.
+    nonfinite_in_payload: bool = False
+
+    def nonfinite_witness(self, payload: Payload) -> torch.Tensor:
+        """The part of the payload in which any NaN/Inf of the compressed input shows (top-k's values: a
+        NaN or Inf has the largest magnitude, so it is selected; QSGD's block norms; sign's block
+        scales). Only for compressors with ``nonfinite_in_payload``; for the others (a random mask, a
+        cast) the payload can miss one, and the caller checks the input."""
+        raise NotImplementedError(f"{self.name}: its payload does not show every NaN/Inf of the input")
 
     def spec(self) -> str:
         """The registry string that rebuilds this compressor (used for cross-rank agreement)."""

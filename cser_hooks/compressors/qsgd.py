@@ -96,6 +96,13 @@ class QSGD(Compressor):
         delta = c * (2.0 - c * (1.0 + beta))
         return delta if delta > 0 else None
 
+    nonfinite_in_payload = True
+
+    def nonfinite_witness(self, payload):
+        # a block holding a NaN/Inf has a NaN/Inf norm (a float64 sum of squares); a false alarm needs a norm
+        # beyond fp32's range, where the input's own fp32 sum (the check it replaces) overflows too
+        return payload[2]
+
     def compress(self, x, mk, segments=None):
         return self._compress(x, mk, residual=False)
 

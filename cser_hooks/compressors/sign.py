@@ -77,6 +77,11 @@ class SignBlockwise(Compressor):
         d_max = self.block if self.block else numel
         return 1.0 / min(d_max, numel) if numel else 1.0
 
+    nonfinite_in_payload = True
+
+    def nonfinite_witness(self, payload):
+        return payload[1]  # a block's scale (mean |p| in float64) is NaN/Inf when one of its elements is
+
     def compress(self, x, mk, segments=None):
         check_input(x, self.name)
         bounds, lengths = self.offsets(x.numel(), segments, x.device)

@@ -62,6 +62,11 @@ class TopK(Compressor):
             idx = torch.cat([above, ties]).sort().values
         return x[idx], idx.to(torch.int32)
 
+    nonfinite_in_payload = True
+
+    def nonfinite_witness(self, payload):
+        return payload[0]  # the k >= 1 selected values (NaN and Inf rank first); empty only for an empty x
+
     def compress_ef(self, p, mk, segments=None):
         values, idx = self.compress(p, mk, segments)
         p.index_fill_(0, idx.long(), 0)

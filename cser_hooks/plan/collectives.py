@@ -186,7 +186,8 @@ def _dense(buckets, elem_bytes: int = 4, passes=()) -> StepPlan:
 def _compressed_average(comp, b: _Bucket, world: int, feedback: bool, blocking: bool = False):
     """EF's exchange (docs/algorithms.md §2): collectives and passes for one bucket."""
     wb = comp.wire_bytes(b.n, _f32(), list(b.segments))
-    extra = 1 + (1 if feedback else 0)  # the non-finite check, EF's e += g
+    # the non-finite check (none where the payload shows every NaN/Inf: top_k, qsgd, sign), EF's e += g
+    extra = (0 if comp.nonfinite_in_payload else 1) + (1 if feedback else 0)
     if comp.linear:
         flag = _elem_size(getattr(comp, "wire_dtype", None))
         passes = C.copies(extra + 1) + C.encode_passes(comp, b.n) + C.decode_passes(comp, b.n)  # + zero fill
